@@ -1,0 +1,77 @@
+"""One output tensor (or a row chunk of one): load inputs, run the kernel, check.
+
+Shared by the streaming executor, the in-memory merger and `verify`, so all
+three compute bit-identical results.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .errors import InputError, MedmergeError
+from .methods.base import TensorInputs
+from .plan import MergePlan, TensorPlan
+
+
+def load_inputs(
+    plan: MergePlan, tp: TensorPlan, rows: Optional[tuple[int, int]] = None, check_finite: bool = True
+) -> list[torch.Tensor]:
+    """Each model's tensor in the working dtype (after the config's `dtype` cast)."""
+    tensors = []
+    for model, ref, source in zip(plan.models, plan.model_refs, tp.sources):
+        t = model.read(source, rows)
+        if tp.mergeable:
+            if plan.load_dtype is not None:
+                t = t.to(plan.load_dtype)
+            if check_finite and not torch.isfinite(t).all():
+                bad = (~torch.isfinite(t)).sum().item()
+                raise InputError(
+                    f"tensor {source!r} of model {ref} holds {bad} NaN or infinite value(s); "
+                    "repair or replace that checkpoint"
+                )
+        tensors.append(t)
+    if tp.vocab:
+        tensors = plan.vocab.align(tensors)
+    return tensors
+
+
+def merge_loaded(
+    plan: MergePlan, tp: TensorPlan, tensors: list[torch.Tensor], device: Optional[torch.device] = None,
+    owned: bool = False,
+) -> torch.Tensor:
+    """Run the method on loaded inputs; returns the result in the output dtype."""
+    if not tp.mergeable:
+        return tensors[plan.reference]
+    work = [t.to(device=device, dtype=plan.work_dtype) for t in tensors]
+    # Kernels may overwrite their inputs only where they are copies: `owned` says the
+    # caller's tensors are fresh buffers; otherwise a conversion must have copied them.
+    owned = owned or all(w.data_ptr() != t.data_ptr() for w, t in zip(work, tensors))
+    del tensors
+    inputs = TensorInputs(work, plan.base, tp.model_params, name=tp.name, seed=plan.seed, owned=owned)
+    try:
+        result = plan.method(inputs, tp.global_params)
+    except (ValueError, RuntimeError) as e:
+        raise MedmergeError(f"merging tensor {tp.name!r} with {plan.method.spec.name}: {e}") from None
+    del inputs, work
+    result = result.to(tp.out_dtype)
+    if not torch.isfinite(result).all():
+        raise MedmergeError(
+            f"merging tensor {tp.name!r} produced NaN or infinite values; check the weights "
+            "(for example weights that sum to zero with normalize: true)"
+        )
+    return result
+
+
+def row_chunks(tp: TensorPlan, max_elements: int) -> list[Optional[tuple[int, int]]]:
+    """Row ranges whose element count stays under `max_elements` (None: whole tensor)."""
+    if not tp.shape or tp.shape[0] <= 1:
+        return [None]
+    row = 1
+    for d in tp.shape[1:]:
+        row *= d
+    per_chunk = max(1, max_elements // max(row, 1))
+    if per_chunk >= tp.shape[0]:
+        return [None]
+    return [(r, min(r + per_chunk, tp.shape[0])) for r in range(0, tp.shape[0], per_chunk)]

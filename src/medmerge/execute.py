@@ -1,0 +1,218 @@
+"""Streaming execution: read, merge and write one tensor (or row chunk) at a time.
+
+Three stages overlap in threads: a reader prefetches the next unit's inputs
+(bounded by a byte budget, so at most one large tensor is in flight), the
+calling thread merges, and a writer appends results to the output shards.
+Elementwise methods (linear, task arithmetic, ...) stream row chunks straight
+from the input files, so their memory does not grow with tensor size.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .compute import load_inputs, merge_loaded, row_chunks
+from .io.checkpoint import itemsize
+from .io.writer import ShardedWriter
+from .plan import MergePlan
+
+CHUNK_ELEMENTS = 16 * 1024 * 1024  # rows per elementwise chunk: 64 MB of float32 per input
+PREFETCH_BYTES = 512 * 1024 * 1024
+
+
+@dataclass
+class StreamStats:
+    tensors: int
+    units: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+
+
+class _ByteBudget:
+    """At most `cap` bytes in flight; a unit larger than `cap` runs alone."""
+
+    def __init__(self, cap: int):
+        self.cap, self.used = cap, 0
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int, stop: threading.Event) -> None:
+        n = min(n, self.cap)
+        with self.cond:
+            while self.used and self.used + n > self.cap:
+                if stop.is_set():
+                    raise _Stopped
+                self.cond.wait(0.1)
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= min(n, self.cap)
+            self.cond.notify_all()
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> None:
+    while True:
+        if stop.is_set():
+            raise _Stopped
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+def _get(q: queue.Queue, stop: threading.Event):
+    while True:
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            if stop.is_set():
+                raise _Stopped from None
+
+
+def plan_units(plan: MergePlan, chunk_elements: int = CHUNK_ELEMENTS):
+    units = []
+    for tp in plan.tensors:
+        chunks = row_chunks(tp, chunk_elements) if plan.elementwise(tp) else [None]
+        for i, rows in enumerate(chunks):
+            units.append((tp, rows, i == 0))
+    return units
+
+
+def _unit_input_bytes(plan: MergePlan, tp, rows) -> int:
+    total = 0
+    for model, source in zip(plan.models, tp.sources):
+        rec = model.records[source]
+        n = math.prod(rec.shape)
+        if rows is not None:
+            n = n // rec.shape[0] * (rows[1] - rows[0])
+        total += n * itemsize(rec.dtype)
+    return total
+
+
+def stream_merge(
+    plan: MergePlan,
+    writer: ShardedWriter,
+    *,
+    device: Optional[torch.device] = None,
+    progress: bool = True,
+    chunk_elements: int = CHUNK_ELEMENTS,
+    prefetch_bytes: int = PREFETCH_BYTES,
+) -> StreamStats:
+    units = plan_units(plan, chunk_elements)
+    owned = all(getattr(m, "fresh_reads", False) for m in plan.models)
+    stop = threading.Event()
+    budget = _ByteBudget(prefetch_bytes)
+    read_q: queue.Queue = queue.Queue(maxsize=2)
+    write_q: queue.Queue = queue.Queue(maxsize=2)
+    errors: list[BaseException] = []
+    counters = {"read": 0}
+    total_bytes = sum(tp.nbytes for tp in plan.tensors)
+    start = time.perf_counter()
+
+    def reader():
+        try:
+            for tp, rows, first in units:
+                size = _unit_input_bytes(plan, tp, rows)
+                budget.acquire(size, stop)
+                tensors = load_inputs(plan, tp, rows)
+                counters["read"] += size
+                _put(read_q, (tp, rows, first, tensors, size), stop)
+            _put(read_q, None, stop)
+        except _Stopped:
+            pass
+        except BaseException as e:  # handed to the main thread
+            errors.append(e)
+            stop.set()
+
+    bar = _progress(progress)
+
+    done = {"tensors": 0}
+
+    def write_loop(task_id):
+        try:
+            while True:
+                item = _get(write_q, stop)
+                if item is None:
+                    return
+                tp, first, last, result = item
+                if first:
+                    writer.begin(tp.name)
+                writer.write(result)
+                if last:
+                    done["tensors"] += 1
+                if bar is not None:
+                    bar.update(
+                        task_id,
+                        advance=result.numel() * result.element_size(),
+                        description=f"{done['tensors']}/{len(plan.tensors)} tensors",
+                    )
+        except _Stopped:
+            pass
+        except BaseException as e:
+            errors.append(e)
+            stop.set()
+
+    with bar if bar is not None else nullcontext():
+        task_id = bar.add_task(f"0/{len(plan.tensors)} tensors", total=total_bytes) if bar is not None else None
+        threads = [
+            threading.Thread(target=reader, name="medmerge-read", daemon=True),
+            threading.Thread(target=write_loop, args=(task_id,), name="medmerge-write", daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        try:
+            while True:
+                item = _get(read_q, stop)
+                if item is None:
+                    break
+                tp, rows, first, tensors, size = item
+                result = merge_loaded(plan, tp, tensors, device=device, owned=owned)
+                del tensors
+                budget.release(size)
+                last = rows is None or rows[1] == tp.shape[0]
+                _put(write_q, (tp, first, last, result), stop)
+                del result
+            _put(write_q, None, stop)
+            threads[1].join()
+        except _Stopped:
+            pass
+        finally:
+            stop.set()  # releases the helper threads if the main thread failed
+            for t in threads:
+                t.join()
+        if errors:
+            raise errors[0]
+    return StreamStats(
+        tensors=len(plan.tensors),
+        units=len(units),
+        bytes_read=counters["read"],
+        bytes_written=writer.bytes_written,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("merging [bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+    )

@@ -1,0 +1,256 @@
+"""Read local Hugging Face model folders tensor by tensor.
+
+Safetensors headers are parsed and checked (offsets, sizes, truncation) when a
+checkpoint is opened, before any tensor data is read. Tensors are then read
+with positional reads (`os.pread`) into fresh buffers: one copy, thread-safe,
+and no memory-mapped pages left counting against the process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import InputError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+INDEX_NAME = "model.safetensors.index.json"
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def itemsize(dtype: str) -> int:
+    return torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    name: str
+    file: Path
+    dtype: str  # safetensors dtype code, e.g. "BF16"
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in `file`
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.dtype]
+
+
+def read_safetensors_header(file: Path) -> tuple[dict, int]:
+    """Return (header dict, byte offset where data starts); raise InputError if corrupt."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise InputError(f"{file}: not a safetensors file (only {size} bytes); re-save or re-download it")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER or 8 + n > size:
+            raise InputError(
+                f"{file}: corrupt safetensors header (declares {n} header bytes in a {size}-byte file); "
+                "the file is damaged or truncated: re-save or re-download it"
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{file}: corrupt safetensors header ({e}); re-save or re-download it") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{file}: corrupt safetensors header (not a JSON object)")
+    return header, 8 + n
+
+
+def scan_safetensors(file: Path) -> dict[str, TensorRecord]:
+    header, data_start = read_safetensors_header(file)
+    size = file.stat().st_size
+    records = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{file}: corrupt header entry for tensor {name!r}") from None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise InputError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
+        expected = math.prod(shape) * itemsize(dtype)
+        if end - begin != expected or begin < 0:
+            raise InputError(
+                f"{file}: tensor {name!r} spans {end - begin} bytes but shape {list(shape)} {dtype} needs "
+                f"{expected}; the file is corrupt"
+            )
+        if data_start + end > size:
+            raise InputError(
+                f"{file}: truncated: tensor {name!r} ends at byte {data_start + end} but the file has "
+                f"{size} bytes; re-download or re-save the shard"
+            )
+        records[name] = TensorRecord(name, file, dtype, shape, data_start + begin, data_start + end)
+    return records
+
+
+def looks_like_hub_id(ref: str) -> bool:
+    return (
+        ref.count("/") == 1
+        and not ref.startswith((".", "/", "~"))
+        and all(part and not part.startswith(".") for part in ref.split("/"))
+    )
+
+
+def resolve_model_path(ref: str, relative_to: Optional[Path] = None) -> Path:
+    """A local folder for a model reference, or an InputError that says what to pass."""
+    if "+" in ref:
+        raise InputError(
+            f"model {ref!r}: 'model+lora' references are not supported; merge the adapter into its "
+            "base first (medmerge adapters merge / peft merge_and_unload) and pass the merged folder"
+        )
+    candidates = [Path(ref).expanduser()]
+    if relative_to is not None and not Path(ref).is_absolute():
+        candidates.append(relative_to / ref)
+    for path in candidates:
+        if path.is_dir():
+            return path.resolve()
+    if looks_like_hub_id(ref):
+        raise InputError(
+            f"model {ref!r} is not a local folder and looks like a Hugging Face hub id; medmerge works "
+            "offline: download it where you have network access (huggingface-cli download) and pass the local path"
+        )
+    raise InputError(f"model folder {ref!r} does not exist; pass the path of a local model folder")
+
+
+class Checkpoint:
+    """A local model folder: config, tokenizer files and lazily read tensors."""
+
+    fresh_reads = True  # read() returns a new buffer the caller may overwrite
+
+    def __init__(self, path: Path, allow_pickle: bool = False):
+        self.path = Path(path)
+        self.config = self._read_config()
+        self.index_file: Optional[Path] = None
+        self._pickled: Optional[dict[str, torch.Tensor]] = None
+        self.records = self._scan(allow_pickle)
+        self.files = sorted({r.file for r in self.records.values()})
+        self._fds: dict[Path, int] = {}
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+    def _read_config(self) -> dict:
+        file = self.path / "config.json"
+        if not file.is_file():
+            return {}
+        try:
+            return json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"{file}: invalid JSON ({e})") from None
+
+    def _scan(self, allow_pickle: bool) -> dict[str, TensorRecord]:
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            self.index_file = index
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise InputError(f"{index}: invalid index ({e}); it needs a 'weight_map'") from None
+            records = {}
+            for shard in sorted(set(weight_map.values())):
+                file = self.path / shard
+                if not file.is_file():
+                    raise InputError(f"{index} names shard {shard}, which is missing from {self.path}")
+                records.update(scan_safetensors(file))
+            for name, shard in weight_map.items():
+                if name not in records or records[name].file.name != shard:
+                    raise InputError(f"{index}: tensor {name!r} is mapped to {shard} but is not in that shard")
+            return {name: records[name] for name in weight_map}
+        shards = sorted(self.path.glob("*.safetensors"))
+        if shards:
+            records = {}
+            for file in shards:
+                records.update(scan_safetensors(file))
+            return records
+        pickles = sorted(p for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            if not allow_pickle:
+                raise InputError(
+                    f"{self.path} holds only pickle checkpoints ({', '.join(p.name for p in pickles)}); "
+                    "pickle files can run code when loaded. Convert them to safetensors, or pass "
+                    "--allow-pickle if you trust their source"
+                )
+            return self._load_pickles(pickles)
+        raise InputError(f"{self.path}: no model weights found (no *.safetensors, no {INDEX_NAME})")
+
+    def _load_pickles(self, files: list[Path]) -> dict[str, TensorRecord]:
+        self._pickled = {}
+        records = {}
+        for file in files:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            for name, tensor in state.items():
+                self._pickled[name] = tensor
+                nbytes = tensor.numel() * tensor.element_size()
+                records[name] = TensorRecord(name, file, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), 0, nbytes)
+        return records
+
+    def read(self, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Read one tensor (or rows [r0, r1) of its first axis) into a fresh CPU tensor."""
+        rec = self.records[name]
+        if self._pickled is not None:
+            t = self._pickled[name]
+            return (t if rows is None else t[rows[0] : rows[1]]).clone()
+        start, shape = rec.start, rec.shape
+        if rows is not None:
+            row_bytes = math.prod(shape[1:]) * itemsize(rec.dtype)
+            start += rows[0] * row_bytes
+            shape = (rows[1] - rows[0],) + tuple(shape[1:])
+        nbytes = math.prod(shape) * itemsize(rec.dtype)
+        buf = bytearray(nbytes)
+        fd = self._fd(rec.file)
+        view, done = memoryview(buf), 0
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], start + done)
+            if got <= 0:
+                raise InputError(f"{rec.file}: unexpected end of file reading tensor {name!r}")
+            done += got
+        if nbytes == 0:
+            return torch.empty(shape, dtype=rec.torch_dtype)
+        return torch.frombuffer(buf, dtype=rec.torch_dtype).reshape(shape)
+
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,162 @@
+"""Declared contracts for merge kernels.
+
+A merge method is a pure function of the input tensors of one output tensor
+(already in the working dtype), the index of the base among them, and resolved
+parameters. Its `MethodSpec` says what it needs, so a whole plan can be checked
+before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+REQUIRED = object()
+
+GLOBAL = "global"  # one value per tensor, from the top-level `parameters`
+PER_INPUT = "input"  # one value per input model, base included
+PER_NON_BASE = "non_base"  # one value per input model other than the base
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: type
+    scope: str = GLOBAL
+    default: Any = REQUIRED
+    choices: Optional[tuple] = None
+    doc: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def coerce(self, value: Any, where: str) -> Any:
+        """Validate one resolved value; `where` names the tensor and model."""
+        try:
+            if self.type is bool:
+                if isinstance(value, str) and value.lower() in ("true", "false"):
+                    value = value.lower() == "true"
+                if not isinstance(value, (bool, int)) or (
+                    isinstance(value, int) and value not in (0, 1)
+                ):
+                    raise ValueError
+                value = bool(value)
+            elif self.type is float:
+                if isinstance(value, bool):
+                    raise ValueError
+                value = float(value)
+            elif self.type is int:
+                if isinstance(value, bool) or float(value) != int(float(value)):
+                    raise ValueError
+                value = int(float(value))
+            elif self.type is str:
+                value = str(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"parameter {self.name!r} for {where}: expected {self.type.__name__}, "
+                f"got {value!r}"
+            ) from None
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(
+                f"parameter {self.name!r} for {where}: {value!r} is not one of "
+                f"{', '.join(map(str, self.choices))}"
+            )
+        return value
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    params: tuple[Param, ...]
+    base: str = "ignored"  # "required" | "optional" | "ignored"
+    min_inputs: int = 1
+    max_inputs: Optional[int] = None
+    min_non_base: int = 0
+    max_non_base: Optional[int] = None
+    random: bool = False  # draws random numbers (needs a seed)
+    # Given resolved global and per-input parameters: does output[i] depend
+    # only on input[*][i]? Then the executor may stream row chunks.
+    elementwise: Callable[[dict, list], bool] = field(default=lambda g, m: False)
+    formula: str = ""
+    reference: str = ""
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    @property
+    def global_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.scope == GLOBAL)
+
+    @property
+    def model_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.scope != GLOBAL)
+
+
+@dataclass
+class TensorInputs:
+    """The inputs of one output tensor, in the working dtype."""
+
+    tensors: list[torch.Tensor]
+    base: Optional[int]  # index of the base model in `tensors`, or None
+    model_params: list[dict]  # resolved per-input parameters, same order
+    name: str = ""
+    seed: Optional[int] = None
+    # True when `tensors` are fresh working copies the kernel may overwrite
+    # (streaming); False when the caller reuses them (in-memory sweeps).
+    owned: bool = False
+
+    @property
+    def non_base(self) -> list[int]:
+        return [i for i in range(len(self.tensors)) if i != self.base]
+
+    def stream_seed(self, salt: object) -> int:
+        """A seed for one random stream of this tensor: a function of (seed, tensor
+        name, salt) only, so results never depend on execution order, threads or device."""
+        return tensor_seed(self.seed or 0, f"{self.name}\x00{salt}")
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}\x00{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+Kernel = Callable[[TensorInputs, dict], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    spec: MethodSpec
+    kernel: Kernel
+
+    def __call__(self, inputs: TensorInputs, params: dict) -> torch.Tensor:
+        return self.kernel(inputs, params)
+
+
+def check_counts(spec: MethodSpec, n_inputs: int, has_base: bool) -> Optional[str]:
+    """Return why `n_inputs` models (with or without a base) do not fit, or None."""
+    if spec.base == "required" and not has_base:
+        return f"method {spec.name!r} needs `base_model`; add one (the model the others were fine-tuned from)"
+    n_non_base = n_inputs - int(has_base and spec.base != "ignored")
+    if n_inputs < spec.min_inputs:
+        return f"method {spec.name!r} needs at least {spec.min_inputs} input models (base included); got {n_inputs}"
+    if spec.max_inputs is not None and n_inputs > spec.max_inputs:
+        return f"method {spec.name!r} takes at most {spec.max_inputs} input models (base included); got {n_inputs}"
+    if n_non_base < spec.min_non_base:
+        return f"method {spec.name!r} needs at least {spec.min_non_base} models besides the base; got {n_non_base}"
+    if spec.max_non_base is not None and n_non_base > spec.max_non_base:
+        return f"method {spec.name!r} takes at most {spec.max_non_base} models besides the base; got {n_non_base}"
+    return None
+
+
+def weights_of(inputs: TensorInputs, indices: Sequence[int], key: str = "weight") -> torch.Tensor:
+    ref = inputs.tensors[indices[0]]
+    return torch.tensor(
+        [inputs.model_params[i][key] for i in indices], dtype=ref.dtype, device=ref.device
+    )

@@ -1,0 +1,98 @@
+"""Sparsification of task vectors (TIES trim, DARE drop, Breadcrumbs, DELLA).
+
+`rescale_mode` chooses how surviving entries are rescaled when rescaling is on:
+"l1" matches the L1 norm of the dense vector (mergekit 0.1.5), and
+"inverse_density" divides each kept entry by its keep probability (the DARE and
+DELLA papers).
+"""
+
+from typing import Optional
+
+import torch
+
+
+def _rescale(
+    tensor: torch.Tensor, mask: torch.Tensor, mode: Optional[str], keep_prob=None, eps: float = 1e-7
+) -> torch.Tensor:
+    masked = tensor * mask
+    if mode is None:
+        return masked
+    if mode == "inverse_density":
+        return masked / keep_prob
+    before = tensor.abs().sum()
+    after = masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def magnitude(tensor: torch.Tensor, density: float, mode: Optional[str] = None) -> torch.Tensor:
+    """Keep the `density` fraction of entries with the largest magnitude (at least one)."""
+    if density >= 1:
+        return tensor
+    if density <= 0 or tensor.numel() == 0:
+        return torch.zeros_like(tensor)
+    k = max(1, int(density * tensor.numel()))
+    flat = tensor.abs().reshape(-1)
+    mask = torch.zeros_like(flat)
+    mask[torch.argsort(flat, descending=True)[:k]] = 1
+    return _rescale(tensor, mask.reshape_as(tensor), mode, keep_prob=density)
+
+
+def magnitude_outliers(
+    tensor: torch.Tensor, density: float, gamma: float, mode: Optional[str] = None
+) -> torch.Tensor:
+    """Breadcrumbs: drop the `gamma` largest entries, then the smallest, keeping `density`."""
+    if density >= 1:
+        return tensor
+    n = tensor.numel()
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bottom = max(0, n - target - n_top)
+    order = torch.sort(tensor.abs().reshape(-1), descending=False).indices
+    mask = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
+    mask[order[n_bottom : n_bottom + target]] = 1
+    return _rescale(tensor, mask.reshape_as(tensor), mode, keep_prob=density)
+
+
+def bernoulli(
+    tensor: torch.Tensor, density: float, generator: torch.Generator, mode: Optional[str] = None
+) -> torch.Tensor:
+    """DARE: keep each entry independently with probability `density`."""
+    if density >= 1:
+        return tensor
+    # Draw on the CPU from a per-tensor generator so the mask is the same on any device.
+    keep = torch.rand(tensor.shape, generator=generator, dtype=torch.float32) < density
+    mask = keep.to(device=tensor.device, dtype=tensor.dtype)
+    return _rescale(tensor, mask, mode, keep_prob=density)
+
+
+def della_magprune(
+    tensor: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator,
+    mode: Optional[str] = None,
+    where: str = "",
+) -> torch.Tensor:
+    """DELLA MagPrune: keep probability grows linearly with the magnitude rank in each row,
+    from density - epsilon (smallest) to density + epsilon (largest)."""
+    if density >= 1:
+        return tensor
+    if density <= 0:
+        return torch.zeros_like(tensor)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(
+            f"della{where}: density +/- epsilon must lie in (0, 1); got density={density}, "
+            f"epsilon={epsilon}. Lower epsilon or move density toward 0.5"
+        )
+    shape = tensor.shape
+    rows = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(rows.dtype) + 1
+    lo = ranks.min(dim=1, keepdim=True).values
+    hi = ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    draws = torch.rand(probs.shape, generator=generator, dtype=torch.float32).to(probs.device)
+    mask = (draws < probs).to(rows.dtype)
+    return _rescale(rows, mask, mode, keep_prob=probs).reshape(shape)

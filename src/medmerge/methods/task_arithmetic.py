@@ -1,0 +1,193 @@
+"""The task-vector family: task arithmetic, TIES, DARE, Breadcrumbs, DELLA.
+
+All share one kernel (as in mergekit 0.1.5): delta_i = W_i - B is sparsified,
+weighted, optionally filtered by sign consensus, summed, optionally normalized,
+scaled by lambda and added to the base B.
+"""
+
+from functools import partial
+from typing import Optional
+
+import torch
+
+from . import sparsify
+from .base import PER_NON_BASE, MergeMethod, MethodSpec, Param, TensorInputs
+
+
+def sign_consensus_mask(election: torch.Tensor, method: str) -> torch.Tensor:
+    """TIES sign election over stacked deltas: the sign of the summed mass ("sum")
+    or of the majority of signs ("count"); True where a delta agrees."""
+    sign = election.sign()
+    votes = election.sum(dim=0) if method == "sum" else sign.sum(dim=0)
+    majority = (votes >= 0).to(sign.dtype) * 2 - 1
+    return sign == majority
+
+
+def _sparsify(x: TensorInputs, row: int, delta: torch.Tensor, mp: dict, method: str, mode) -> torch.Tensor:
+    density = mp["density"]
+    if method == "magnitude":
+        return sparsify.magnitude(delta, density, mode)
+    if method == "magnitude_outliers":
+        return sparsify.magnitude_outliers(delta, density, mp["gamma"], mode)
+    # One random stream per (seed, tensor, input position): independent of execution order.
+    gen = torch.Generator().manual_seed(x.stream_seed(row))
+    if method == "random":
+        return sparsify.bernoulli(delta, density, gen, mode)
+    return sparsify.della_magprune(delta, density, mp["epsilon"], gen, mode, where=f" ({x.name})")
+
+
+def generalized_task_arithmetic(
+    x: TensorInputs, p: dict, *, sparsification: Optional[str], consensus: Optional[str]
+) -> torch.Tensor:
+    base = x.tensors[x.base]
+    others = x.non_base
+    if not others:
+        return base
+    mode = p.get("rescale_mode", "l1") if p["rescale"] else None
+    weights = [float(x.model_params[i]["weight"]) for i in others]
+    # (tensor, factor still to apply): (w_k * delta_k, 1), or (delta_k, w_k) when signs
+    # are elected on unweighted deltas. In place when the inputs are ours to overwrite.
+    weighted = []
+    for row, i in enumerate(others):
+        delta = x.tensors[i].sub_(base) if x.owned else x.tensors[i] - base
+        if sparsification:
+            delta = _sparsify(x, row, delta, x.model_params[i], sparsification, mode)
+        if p.get("sign_election") == "unweighted":
+            weighted.append((delta, weights[row]))
+        else:
+            weighted.append((delta.mul_(weights[row]), 1.0))
+
+    mixed = torch.zeros_like(base)
+    divisor = torch.zeros_like(base) if consensus else None
+    if consensus:
+        votes = torch.zeros_like(base)
+        for tensor, _ in weighted:
+            votes.add_(tensor if consensus == "sum" else tensor.sign())
+        majority = torch.where(votes >= 0, 1.0, -1.0).to(base.dtype)
+        del votes
+        by_count = p.get("disjoint_mean", "weights") == "count"
+        for (tensor, factor), w in zip(weighted, weights):
+            agree = tensor.sign() == majority
+            mixed.add_(torch.where(agree, tensor, 0), alpha=factor)
+            divisor.add_(agree.to(base.dtype), alpha=1.0 if by_count else w)
+        divisor[divisor == 0] = 1
+    else:
+        for tensor, factor in weighted:
+            mixed.add_(tensor, alpha=factor)
+        total = sum(weights)
+        divisor = total if abs(total) >= 1e-8 else 1.0
+    del weighted
+    if p["normalize"]:
+        mixed.div_(divisor)
+    if p["lambda"] != 1:
+        mixed.mul_(p["lambda"])
+    return mixed.add_(base)
+
+
+def _no_sparsification(g: dict, models: list) -> bool:
+    return all(m.get("density", 1.0) >= 1 for m in models)
+
+
+def _family_member(
+    name: str,
+    sparsification: Optional[str],
+    consensus: Optional[str],
+    normalize: bool,
+    rescale: bool,
+    formula: str,
+    reference: str,
+) -> MergeMethod:
+    params = [
+        Param("weight", float, PER_NON_BASE, doc="weight w_i of each task vector"),
+        Param("density", float, PER_NON_BASE, default=1.0, doc="fraction of each task vector kept"),
+        Param("lambda", float, default=1.0, doc="scale of the merged task vector"),
+        Param("normalize", bool, default=normalize, doc="divide by the (consensus) sum of weights"),
+        Param("rescale", bool, default=rescale, doc="rescale kept entries after sparsification"),
+        Param("int8_mask", bool, default=False, doc="accepted for mergekit compatibility; no effect"),
+    ]
+    if sparsification:
+        params.append(
+            Param(
+                "rescale_mode",
+                str,
+                default="l1",
+                choices=("l1", "inverse_density"),
+                doc="l1: match the L1 norm (mergekit); inverse_density: divide by keep probability (papers)",
+            )
+        )
+    if sparsification == "magnitude_outliers":
+        params.append(Param("gamma", float, PER_NON_BASE, default=0.01, doc="fraction of largest entries dropped"))
+    if sparsification == "della_magprune":
+        params.append(Param("epsilon", float, PER_NON_BASE, default=0.15, doc="spread of keep probabilities"))
+    if consensus:
+        params.append(
+            Param(
+                "sign_election",
+                str,
+                default="weighted",
+                choices=("weighted", "unweighted"),
+                doc="elect signs on weighted deltas (mergekit) or on the trimmed deltas (TIES paper)",
+            )
+        )
+        params.append(
+            Param(
+                "disjoint_mean",
+                str,
+                default="weights",
+                choices=("weights", "count"),
+                doc="normalize by the agreeing weights (mergekit) or by the agreeing count (TIES paper)",
+            )
+        )
+    return MergeMethod(
+        MethodSpec(
+            name=name,
+            params=tuple(params),
+            base="required",
+            min_inputs=1,
+            random=sparsification in ("random", "della_magprune"),
+            elementwise=_no_sparsification,
+            formula=formula,
+            reference=reference,
+        ),
+        partial(generalized_task_arithmetic, sparsification=sparsification, consensus=consensus),
+    )
+
+
+_TA = "delta_i = W_i - B; W = B + lambda * sum_i w_i delta_i (/ sum_i w_i if normalize)"
+_TIES = (
+    "delta_i = trim_density(W_i - B) (keep the top-density fraction by |.|); "
+    "s = sign(sum_i w_i delta_i); m_i = [sign(delta_i) = s]; "
+    "W = B + lambda * sum_i w_i m_i delta_i / sum_i w_i m_i (normalize)"
+)
+_DARE = "delta_i = drop_density(W_i - B) (keep each entry with probability density), rescaled; "
+
+METHODS = [
+    _family_member("task_arithmetic", None, None, False, False, _TA, "https://arxiv.org/abs/2212.04089"),
+    _family_member("ties", "magnitude", "sum", True, False, _TIES, "https://arxiv.org/abs/2306.01708"),
+    _family_member(
+        "dare_ties", "random", "sum", False, True, _DARE + "then TIES sign consensus and sum",
+        "https://arxiv.org/abs/2311.03099",
+    ),
+    _family_member(
+        "dare_linear", "random", None, False, True, _DARE + "then " + _TA.split("; ", 1)[1],
+        "https://arxiv.org/abs/2311.03099",
+    ),
+    _family_member(
+        "breadcrumbs", "magnitude_outliers", None, False, False,
+        "delta_i = W_i - B with the gamma largest and the (1 - density - gamma) smallest entries "
+        "removed; W = B + lambda * sum_i w_i delta_i", "https://arxiv.org/abs/2312.06795",
+    ),
+    _family_member(
+        "breadcrumbs_ties", "magnitude_outliers", "sum", False, False,
+        "Breadcrumbs sparsification, then TIES sign consensus", "https://arxiv.org/abs/2312.06795",
+    ),
+    _family_member(
+        "della", "della_magprune", "sum", True, True,
+        "delta_i = MagPrune(W_i - B): keep probability density +/- epsilon by magnitude rank per row, "
+        "rescaled; then TIES sign consensus and normalized sum", "https://arxiv.org/abs/2406.11617",
+    ),
+    _family_member(
+        "della_linear", "della_magprune", None, False, True,
+        "MagPrune sparsification, then a weighted sum of task vectors", "https://arxiv.org/abs/2406.11617",
+    ),
+]

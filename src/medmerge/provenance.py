@@ -1,0 +1,177 @@
+"""What a merge records about itself: the resolved config and a model card."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .config import MergeConfig
+from .plan import MergePlan
+
+TOKENIZER_FILES = (
+    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+    "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
+)
+PROVENANCE_KEY = "provenance"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 * 1024 * 1024):
+            h.update(block)
+    return h.hexdigest()
+
+
+def input_hashes(plan: MergePlan) -> list[dict]:
+    """sha256 of each input's index file (sharded) or of its weight files (single file)."""
+    out = []
+    for ref, model in zip(plan.model_refs, plan.models):
+        path = getattr(model, "path", None)
+        entry = {"model": str(path or ref)}
+        if getattr(model, "index_file", None) is not None:
+            entry["index_sha256"] = sha256_file(model.index_file)
+        elif path is not None:
+            entry["files_sha256"] = {f.name: sha256_file(f) for f in model.files}
+        out.append(entry)
+    return out
+
+
+def resolved_config(plan: MergePlan) -> dict:
+    """The config with absolute model paths, every parameter default and the seed filled in."""
+    cfg: MergeConfig = plan.config
+    paths = [str(getattr(m, "path", None) or r) for m, r in zip(plan.models, plan.model_refs)]
+    params = dict(cfg.parameters or {})
+    for p in plan.method.spec.params:
+        if p.name not in params and not p.required and p.default is not None:
+            params[p.name] = p.default
+    out = {
+        "merge_method": cfg.merge_method,
+        "models": [
+            {"model": paths[i], **({"parameters": m.parameters} if m.parameters else {})}
+            for i, m in enumerate(cfg.models)
+        ],
+    }
+    if cfg.base_model is not None:
+        out["base_model"] = paths[plan.model_refs.index(cfg.base_model)]
+    out["parameters"] = params
+    floats = [tp.out_dtype for tp in plan.tensors if tp.mergeable]
+    out["dtype"] = cfg.dtype
+    out["out_dtype"] = cfg.out_dtype or (str(floats[0]).replace("torch.", "") if floats else None)
+    if cfg.tokenizer_source is not None:
+        src = cfg.tokenizer_source
+        out["tokenizer_source"] = src if src in ("base", "union") else paths[plan.model_refs.index(src)]
+    out["random_seed"] = plan.seed
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def library_versions() -> dict:
+    import safetensors
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "medmerge": __version__,
+        "torch": str(torch.__version__),
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+def write_provenance(plan: MergePlan, folder: Path, hashes: list[dict], stats: Optional[dict] = None) -> dict:
+    resolved = resolved_config(plan)
+    record = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": library_versions(),
+        "inputs": hashes,
+        **({"stats": stats} if stats else {}),
+    }
+    doc = {**resolved, PROVENANCE_KEY: record}
+    (folder / "medmerge.yml").write_text(
+        "# Resolved by medmerge: re-run with `medmerge merge medmerge.yml OUT`,\n"
+        "# check with `medmerge verify <this folder>`.\n" + yaml.safe_dump(doc, sort_keys=False)
+    )
+    (folder / "README.md").write_text(model_card(plan, resolved, record))
+    return doc
+
+
+def model_card(plan: MergePlan, resolved: dict, record: dict) -> str:
+    spec = plan.method.spec
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [medmerge, merge]",
+        "---",
+        f"# Merged model ({spec.name})",
+        "",
+        f"Made with medmerge {record['versions']['medmerge']} on {record['date']}.",
+        "",
+        "## Method",
+        f"`{spec.name}`" + (f" ([reference]({spec.reference}))" if spec.reference else ""),
+        "",
+        f"    {spec.formula}",
+        "",
+        "## Inputs",
+        "| role | model | sha256 |",
+        "|---|---|---|",
+    ]
+    for i, entry in enumerate(record["inputs"]):
+        role = "base" if i == plan.base or (plan.base is None and i == plan.reference and plan.config.base_model) else "input"
+        if "index_sha256" in entry:
+            digest = f"index: `{entry['index_sha256']}`"
+        else:
+            digest = ", ".join(f"{k}: `{v}`" for k, v in entry.get("files_sha256", {}).items())
+        lines.append(f"| {role} | `{entry['model']}` | {digest} |")
+    lines += [
+        "",
+        "## Configuration (resolved)",
+        "```yaml",
+        yaml.safe_dump(resolved, sort_keys=False).rstrip(),
+        "```",
+        "",
+        "## Library versions",
+        *[f"- {k} {v}" for k, v in record["versions"].items()],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_config(plan: MergePlan, folder: Path) -> None:
+    ref = plan.models[plan.reference]
+    config = dict(ref.config)
+    floats = [tp.out_dtype for tp in plan.tensors if tp.mergeable]
+    if floats:
+        name = str(floats[0]).replace("torch.", "")
+        config["dtype"] = name
+        if "torch_dtype" in config:
+            config["torch_dtype"] = name
+    if plan.vocab is not None:
+        config["vocab_size"] = plan.vocab.size
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def copy_support_files(plan: MergePlan, folder: Path) -> None:
+    """Tokenizer and generation config from the reference model (base, else first)."""
+    src = getattr(plan.models[plan.reference], "path", None)
+    if plan.vocab is not None:
+        plan.vocab.tokenizer.save_pretrained(str(folder))
+    elif src is not None:
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, folder / name)
+    if src is not None and (src / "generation_config.json").is_file():
+        shutil.copy2(src / "generation_config.json", folder / "generation_config.json")
+
+
+def split_provenance(doc: dict) -> tuple[dict, dict]:
+    doc = dict(doc)
+    return doc, doc.pop(PROVENANCE_KEY, {}) or {}
+
