@@ -226,17 +226,15 @@ class Checkpoint:
             start += rows[0] * row_bytes
             shape = (rows[1] - rows[0],) + tuple(shape[1:])
         nbytes = math.prod(shape) * itemsize(rec.dtype)
-        buf = bytearray(nbytes)
+        buf = torch.empty(nbytes, dtype=torch.uint8)  # uninitialized: no zero-fill pass
         fd = self._fd(rec.file)
-        view, done = memoryview(buf), 0
+        view, done = memoryview(buf.numpy()), 0
         while done < nbytes:
             got = os.preadv(fd, [view[done:]], start + done)
             if got <= 0:
                 raise InputError(f"{rec.file}: unexpected end of file reading tensor {name!r}")
             done += got
-        if nbytes == 0:
-            return torch.empty(shape, dtype=rec.torch_dtype)
-        return torch.frombuffer(buf, dtype=rec.torch_dtype).reshape(shape)
+        return buf.view(rec.torch_dtype).reshape(shape)
 
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)
