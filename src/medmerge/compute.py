@@ -17,11 +17,17 @@ from .plan import MergePlan, TensorPlan
 
 def load_inputs(
     plan: MergePlan, tp: TensorPlan, rows: Optional[tuple[int, int]] = None, check_finite: bool = True
-) -> list[torch.Tensor]:
-    """Each model's tensor in the working dtype (after the config's `dtype` cast)."""
-    tensors = []
+) -> tuple[list[torch.Tensor], bool]:
+    """Each model's tensor in the working dtype (after the config's `dtype` cast), and
+    whether all of them are fresh buffers that a kernel may overwrite.
+
+    Converting here (in the streaming reader thread) overlaps the casts with the
+    kernels and frees each raw buffer as soon as it is converted.
+    """
+    tensors, fresh = [], []
     for model, ref, source in zip(plan.models, plan.model_refs, tp.sources):
-        t = model.read(source, rows)
+        raw = model.read(source, rows)
+        t = raw
         if tp.mergeable:
             if plan.load_dtype is not None:
                 t = t.to(plan.load_dtype)
@@ -31,30 +37,38 @@ def load_inputs(
                     f"tensor {source!r} of model {ref} holds {bad} NaN or infinite value(s); "
                     "repair or replace that checkpoint"
                 )
+            if not tp.vocab:
+                t = t.to(plan.work_dtype)
+        fresh.append(getattr(model, "fresh_reads", False) or t is not raw)
+        del raw
         tensors.append(t)
     if tp.vocab:
-        tensors = plan.vocab.align(tensors)
-    return tensors
+        tensors = [t.to(plan.work_dtype) for t in plan.vocab.align(tensors)]
+        fresh = [True] * len(tensors)
+    return tensors, all(fresh)
 
 
 def merge_loaded(
     plan: MergePlan, tp: TensorPlan, tensors: list[torch.Tensor], device: Optional[torch.device] = None,
     owned: bool = False,
 ) -> torch.Tensor:
-    """Run the method on loaded inputs; returns the result in the output dtype."""
+    """Run the method on inputs from `load_inputs`; returns the result in the output dtype.
+
+    `owned`: the tensors are fresh buffers the kernel may overwrite. The list is
+    emptied, so the caller holds no reference while the kernel runs.
+    """
     if not tp.mergeable:
         return tensors[plan.reference]
-    work = [t.to(device=device, dtype=plan.work_dtype) for t in tensors]
-    # Kernels may overwrite their inputs only where they are copies: `owned` says the
-    # caller's tensors are fresh buffers; otherwise a conversion must have copied them.
+    work = [t.to(device=device) for t in tensors]
     owned = owned or all(w.data_ptr() != t.data_ptr() for w, t in zip(work, tensors))
-    del tensors
+    tensors.clear()
     inputs = TensorInputs(work, plan.base, tp.model_params, name=tp.name, seed=plan.seed, owned=owned)
+    del work
     try:
         result = plan.method(inputs, tp.global_params)
     except (ValueError, RuntimeError) as e:
         raise MedmergeError(f"merging tensor {tp.name!r} with {plan.method.spec.name}: {e}") from None
-    del inputs, work
+    del inputs
     result = result.to(tp.out_dtype)
     if not torch.isfinite(result).all():
         raise MedmergeError(
@@ -62,6 +76,15 @@ def merge_loaded(
             "(for example weights that sum to zero with normalize: true)"
         )
     return result
+
+
+def merge_tensor(
+    plan: MergePlan, tp: TensorPlan, rows: Optional[tuple[int, int]] = None,
+    device: Optional[torch.device] = None, check_finite: bool = True,
+) -> torch.Tensor:
+    """Load and merge one tensor (or row range) in one call."""
+    tensors, owned = load_inputs(plan, tp, rows, check_finite=check_finite)
+    return merge_loaded(plan, tp, tensors, device=device, owned=owned)
 
 
 def row_chunks(tp: TensorPlan, max_elements: int) -> list[Optional[tuple[int, int]]]:

@@ -99,7 +99,8 @@ def _unit_input_bytes(plan: MergePlan, tp, rows) -> int:
         n = math.prod(rec.shape)
         if rows is not None:
             n = n // rec.shape[0] * (rows[1] - rows[0])
-        total += n * itemsize(rec.dtype)
+        # held in the working dtype once the reader has converted it
+        total += n * (plan.work_dtype.itemsize if tp.mergeable else itemsize(rec.dtype))
     return total
 
 
@@ -113,7 +114,6 @@ def stream_merge(
     prefetch_bytes: int = PREFETCH_BYTES,
 ) -> StreamStats:
     units = plan_units(plan, chunk_elements)
-    owned = all(getattr(m, "fresh_reads", False) for m in plan.models)
     stop = threading.Event()
     budget = _ByteBudget(prefetch_bytes)
     read_q: queue.Queue = queue.Queue(maxsize=2)
@@ -128,9 +128,10 @@ def stream_merge(
             for tp, rows, first in units:
                 size = _unit_input_bytes(plan, tp, rows)
                 budget.acquire(size, stop)
-                tensors = load_inputs(plan, tp, rows)
+                tensors, owned = load_inputs(plan, tp, rows)
                 counters["read"] += size
-                _put(read_q, (tp, rows, first, tensors, size), stop)
+                _put(read_q, (tp, rows, first, tensors, owned, size), stop)
+                del tensors
             _put(read_q, None, stop)
         except _Stopped:
             pass
@@ -179,9 +180,9 @@ def stream_merge(
                 item = _get(read_q, stop)
                 if item is None:
                     break
-                tp, rows, first, tensors, size = item
+                tp, rows, first, tensors, owned, size = item
+                del item
                 result = merge_loaded(plan, tp, tensors, device=device, owned=owned)
-                del tensors
                 budget.release(size)
                 last = rows is None or rows[1] == tp.shape[0]
                 _put(write_q, (tp, first, last, result), stop)

@@ -11,7 +11,7 @@ from typing import Mapping, Optional, Union
 
 import torch
 
-from .compute import load_inputs, merge_loaded
+from .compute import merge_tensor
 from .config import MergeConfig, parse_config
 from .errors import ConfigError
 from .plan import MergePlan, ModelSource, StateDictSource, build_plan, input_refs
@@ -44,8 +44,7 @@ class InMemoryMerger:
     def merge(self, config) -> dict[str, torch.Tensor]:
         """The merged state dict (tensors in the output dtype)."""
         plan = self.plan(config)
-        return {tp.name: merge_loaded(plan, tp, load_inputs(plan, tp, check_finite=False), device=self.device)
-                for tp in plan.tensors}
+        return {tp.name: merge_tensor(plan, tp, device=self.device, check_finite=False) for tp in plan.tensors}
 
     @torch.no_grad()
     def merge_into(self, module: torch.nn.Module, config, strict: bool = True) -> torch.nn.Module:
@@ -58,7 +57,7 @@ class InMemoryMerger:
                 if strict:
                     raise ConfigError(f"module has no parameter {tp.name!r}; pass strict=False to skip it")
                 continue
-            merged = merge_loaded(plan, tp, load_inputs(plan, tp, check_finite=False), device=self.device)
+            merged = merge_tensor(plan, tp, device=self.device, check_finite=False)
             if tuple(target.shape) != tuple(merged.shape):
                 raise ConfigError(f"parameter {tp.name!r} has shape {list(target.shape)}, merge gives {list(merged.shape)}")
             target.data.copy_(merged)

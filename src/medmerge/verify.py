@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import yaml
 
-from .compute import load_inputs, merge_loaded, row_chunks
+from .compute import merge_tensor, row_chunks
 from .config import parse_config
 from .errors import InputError
 from .execute import CHUNK_ELEMENTS
@@ -67,8 +67,7 @@ def compare(expected: torch.Tensor, actual: torch.Tensor) -> tuple[float, float,
 def recompute(plan: MergePlan, tp: TensorPlan) -> torch.Tensor:
     """The tensor exactly as the streaming executor computes it (same row chunks)."""
     chunks = row_chunks(tp, CHUNK_ELEMENTS) if plan.elementwise(tp) else [None]
-    owned = all(getattr(m, "fresh_reads", False) for m in plan.models)
-    parts = [merge_loaded(plan, tp, load_inputs(plan, tp, rows), owned=owned) for rows in chunks]
+    parts = [merge_tensor(plan, tp, rows) for rows in chunks]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
