@@ -14,18 +14,19 @@ EPS = 1e-8
 def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     a = v0.reshape(-1)
     b = v1.reshape(-1)
-    norm_a = torch.linalg.vector_norm(a)
-    norm_b = torch.linalg.vector_norm(b)
+    # Reductions accumulate in float64, so the angle does not depend on the thread count.
+    norm_a = torch.sum(a * a, dtype=torch.float64).sqrt()
+    norm_b = torch.sum(b * b, dtype=torch.float64).sqrt()
     norm_a = norm_a if norm_a > EPS else torch.ones_like(norm_a)
     norm_b = norm_b if norm_b > EPS else torch.ones_like(norm_b)
-    dot = torch.dot(a / norm_a, b / norm_b).clamp(-1, 1)
+    dot = (torch.sum(a * b, dtype=torch.float64) / (norm_a * norm_b)).clamp(-1, 1)
     if dot.abs() > DOT_THRESHOLD:
         # (anti)collinear: the sphere arc is degenerate, fall back to lerp
         return ((1 - t) * v0 + t * v1).reshape(v0.shape)
     theta = torch.acos(dot)
     sin_theta = torch.sin(theta)
-    coef_a = torch.sin((1 - t) * theta) / sin_theta
-    coef_b = torch.sin(t * theta) / sin_theta
+    coef_a = float(torch.sin((1 - t) * theta) / sin_theta)
+    coef_b = float(torch.sin(t * theta) / sin_theta)
     return (coef_a * v0 + coef_b * v1).reshape(v0.shape)
 
 

@@ -19,11 +19,13 @@ def _rescale(
         return masked
     if mode == "inverse_density":
         return masked / keep_prob
-    before = tensor.abs().sum()
-    after = masked.abs().sum()
+    # float64 accumulation: the ratio no longer depends on how torch splits the sum
+    # across threads (a float32 sum does, in its last bits)
+    before = tensor.abs().sum(dtype=torch.float64)
+    after = masked.abs().sum(dtype=torch.float64)
     if before < eps or after < eps:
         return masked
-    return masked * (before / after)
+    return masked * (before / after).to(tensor.dtype)
 
 
 def magnitude(tensor: torch.Tensor, density: float, mode: Optional[str] = None) -> torch.Tensor:
