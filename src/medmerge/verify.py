@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import yaml
 
-from .compute import merge_tensor, row_chunks
+from .compute import all_finite, merge_tensor, row_chunks
 from .config import parse_config
 from .errors import InputError
 from .execute import CHUNK_ELEMENTS
@@ -49,18 +49,30 @@ def tolerance(dtype: torch.dtype) -> float:
     return 4 * torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
 
 
+_CHUNK = 1 << 22
+
+
 def compare(expected: torch.Tensor, actual: torch.Tensor) -> tuple[float, float, bool]:
+    """(largest abs error, largest relative error, within tolerance), chunk by chunk so
+    that comparing a large embedding needs no full-size float64 copies."""
     if not expected.dtype.is_floating_point:
         same = torch.equal(expected, actual)
         return (0.0 if same else math.inf), (0.0 if same else math.inf), same
-    e, a = expected.double(), actual.double()
-    diff = (e - a).abs()
-    max_abs = float(diff.max()) if diff.numel() else 0.0
-    scale = e.abs().clamp(min=1e-12)
-    max_rel = float((diff / scale).max()) if diff.numel() else 0.0
+    e, a = expected.reshape(-1), actual.reshape(-1)
+    if e.numel() == 0:
+        return 0.0, 0.0, True
+    work = torch.float64 if e.dtype == torch.float64 else torch.float32
+    mean_abs = float(e.abs().sum(dtype=torch.float64)) / e.numel()
     tol = tolerance(expected.dtype)
-    # a few ulps of each element, or of the tensor's mean magnitude for near-zero elements
-    ok = bool((diff <= tol * (e.abs() + e.abs().mean())).all()) if diff.numel() else True
+    max_abs = max_rel = 0.0
+    ok = True
+    for start in range(0, e.numel(), _CHUNK):
+        ec, ac = e[start : start + _CHUNK].to(work), a[start : start + _CHUNK].to(work)
+        diff = (ec - ac).abs()
+        max_abs = max(max_abs, float(diff.max()))
+        max_rel = max(max_rel, float((diff / ec.abs().clamp(min=1e-12)).max()))
+        # a few ulps of each element, or of the tensor's mean magnitude for near-zero elements
+        ok = ok and bool((diff <= tol * (ec.abs() + mean_abs)).all())
     return max_abs, max_rel, ok
 
 
@@ -147,7 +159,7 @@ def verify_plan(
         if tp.name not in chosen_names and not check_all_finite:
             continue
         actual = out.read(tp.name)
-        if actual.dtype.is_floating_point and not torch.isfinite(actual).all():
+        if actual.dtype.is_floating_point and not all_finite(actual):
             report.problems.append(f"tensor {tp.name} holds NaN or infinite values")
             continue
         if tp.name in chosen_names:

@@ -155,6 +155,26 @@ def check_counts(spec: MethodSpec, n_inputs: int, has_base: bool) -> Optional[st
     return None
 
 
+_BLOCK = 1024
+
+
+def stable_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of all elements as a float64 scalar, independent of the thread count.
+
+    A plain torch sum splits the reduction across threads, so its rounding depends
+    on their number. Here each block of 1024 elements is summed by one thread in a
+    fixed order, and the block sums are added in float64: as fast as a plain sum,
+    deterministic, and more accurate.
+    """
+    x = x.reshape(-1)
+    n = x.numel() // _BLOCK * _BLOCK
+    block_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    total = x[:n].reshape(-1, _BLOCK).sum(dim=1, dtype=block_dtype).sum(dtype=torch.float64)
+    if n < x.numel():
+        total = total + x[n:].sum(dtype=torch.float64)
+    return total
+
+
 def weights_of(inputs: TensorInputs, indices: Sequence[int], key: str = "weight") -> torch.Tensor:
     ref = inputs.tensors[indices[0]]
     return torch.tensor(

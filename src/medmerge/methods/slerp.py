@@ -5,34 +5,47 @@ Each tensor is treated as one flattened vector (as mergekit 0.1.5 does).
 
 import torch
 
-from .base import MergeMethod, MethodSpec, Param, TensorInputs
+from .base import MergeMethod, MethodSpec, Param, TensorInputs, stable_sum
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 
 
-def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    a = v0.reshape(-1)
-    b = v1.reshape(-1)
-    # Reductions accumulate in float64, so the angle does not depend on the thread count.
-    norm_a = torch.sum(a * a, dtype=torch.float64).sqrt()
-    norm_b = torch.sum(b * b, dtype=torch.float64).sqrt()
+_CHUNK = 1 << 22  # elements per reduction chunk: bounds scratch memory
+
+
+def _sum_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b) as float64, chunk by chunk (no full-size temporary), independent
+    of the thread count (stable_sum)."""
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for start in range(0, a.numel(), _CHUNK):
+        total += stable_sum(a[start : start + _CHUNK] * b[start : start + _CHUNK])
+    return total
+
+
+def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """SLERP of two tensors as flattened vectors; `inplace` may overwrite v0."""
+    a, b = v0.reshape(-1), v1.reshape(-1)
+    norm_a = _sum_products(a, a).sqrt()
+    norm_b = _sum_products(b, b).sqrt()
     norm_a = norm_a if norm_a > EPS else torch.ones_like(norm_a)
     norm_b = norm_b if norm_b > EPS else torch.ones_like(norm_b)
-    dot = (torch.sum(a * b, dtype=torch.float64) / (norm_a * norm_b)).clamp(-1, 1)
+    dot = (_sum_products(a, b) / (norm_a * norm_b)).clamp(-1, 1)
     if dot.abs() > DOT_THRESHOLD:
         # (anti)collinear: the sphere arc is degenerate, fall back to lerp
-        return ((1 - t) * v0 + t * v1).reshape(v0.shape)
-    theta = torch.acos(dot)
-    sin_theta = torch.sin(theta)
-    coef_a = float(torch.sin((1 - t) * theta) / sin_theta)
-    coef_b = float(torch.sin(t * theta) / sin_theta)
-    return (coef_a * v0 + coef_b * v1).reshape(v0.shape)
+        coef_a, coef_b = 1 - t, t
+    else:
+        theta = torch.acos(dot)
+        sin_theta = torch.sin(theta)
+        coef_a = float(torch.sin((1 - t) * theta) / sin_theta)
+        coef_b = float(torch.sin(t * theta) / sin_theta)
+    out = v0.mul_(coef_a) if inplace else v0 * coef_a
+    return out.add_(v1, alpha=coef_b)
 
 
 def slerp(x: TensorInputs, p: dict) -> torch.Tensor:
     other = x.non_base[0]
-    return slerp_vectors(p["t"], x.tensors[x.base], x.tensors[other])
+    return slerp_vectors(p["t"], x.tensors[x.base], x.tensors[other], inplace=x.owned)
 
 
 METHOD = MergeMethod(

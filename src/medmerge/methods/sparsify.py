@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from .base import stable_sum
+
 
 def _rescale(
     tensor: torch.Tensor, mask: torch.Tensor, mode: Optional[str], keep_prob=None, eps: float = 1e-7
@@ -19,10 +21,9 @@ def _rescale(
         return masked
     if mode == "inverse_density":
         return masked / keep_prob
-    # float64 accumulation: the ratio no longer depends on how torch splits the sum
-    # across threads (a float32 sum does, in its last bits)
-    before = tensor.abs().sum(dtype=torch.float64)
-    after = masked.abs().sum(dtype=torch.float64)
+    # stable_sum: the ratio must not depend on how torch splits a sum across threads
+    before = stable_sum(tensor.abs())
+    after = stable_sum(masked.abs())
     if before < eps or after < eps:
         return masked
     return masked * (before / after).to(tensor.dtype)
