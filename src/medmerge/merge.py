@@ -14,8 +14,8 @@ from .errors import MedmergeError
 from .execute import StreamStats, stream_merge
 from .io.writer import OutTensor, ShardedWriter, atomic_output_dir, check_output, parse_size
 from .plan import MergePlan, build_plan, input_refs, open_models
-from .provenance import copy_support_files, input_hashes, write_model_config, write_provenance
-from .verify import VerifyReport, verify_plan
+from .provenance import copy_support_files, input_hashes, output_model_config, write_model_config, write_provenance
+from .verify import ConfigShapes, VerifyReport, verify_plan
 
 POST_MERGE_SAMPLE = 4  # tensors recomputed by the cheap check after every merge
 
@@ -78,9 +78,16 @@ def merge(
     dev = resolve_device(device)
     plan = load_plan(config, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     size = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
-    hashes: dict = {}
-    hasher = threading.Thread(target=lambda: hashes.update(value=input_hashes(plan)), daemon=True)
+    # Side work that overlaps the merge: input hashes for the record, and the shapes
+    # transformers will expect from the output config.json (for the post-merge check).
+    side: dict = {}
+    hasher = threading.Thread(target=lambda: side.update(hashes=input_hashes(plan)), daemon=True)
     hasher.start()
+    shaper = threading.Thread(
+        target=lambda: side.update(shapes=ConfigShapes.from_config(output_model_config(plan))), daemon=True
+    )
+    if verify:
+        shaper.start()
     with atomic_output_dir(out, force=force) as tmp:
         writer = ShardedWriter(tmp, [OutTensor(tp.name, tp.out_dtype, tp.shape) for tp in plan.tensors], size)
         stats = stream_merge(plan, writer, device=dev, progress=progress)
@@ -88,13 +95,18 @@ def merge(
         write_model_config(plan, tmp)
         copy_support_files(plan, tmp)
         hasher.join()
-        write_provenance(plan, tmp, hashes["value"], stats={
+        write_provenance(plan, tmp, side["hashes"], stats={
             "seconds": round(stats.seconds, 3), "bytes_written": stats.bytes_written,
             "device": str(dev), "threads": torch.get_num_threads(),
         })
         report = None
         if verify:
-            report = verify_plan(plan, tmp, max_tensors=POST_MERGE_SAMPLE, sample=None if len(plan.tensors) <= POST_MERGE_SAMPLE else POST_MERGE_SAMPLE / len(plan.tensors), check_all_finite=False, seed=plan.seed)
+            shaper.join()
+            n = len(plan.tensors)
+            report = verify_plan(
+                plan, tmp, sample=min(1.0, POST_MERGE_SAMPLE / max(n, 1)), max_tensors=POST_MERGE_SAMPLE,
+                check_all_finite=False, seed=plan.seed, config_shapes=side["shapes"],
+            )
             if not report.ok:
                 raise MedmergeError("verification of the merge failed: " + "; ".join(
                     report.problems + [f"{c.name}: max abs error {c.max_abs:.3g}" for c in report.checked if not c.ok]))

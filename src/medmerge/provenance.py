@@ -144,9 +144,9 @@ def model_card(plan: MergePlan, resolved: dict, record: dict) -> str:
     return "\n".join(lines)
 
 
-def write_model_config(plan: MergePlan, folder: Path) -> None:
-    ref = plan.models[plan.reference]
-    config = dict(ref.config)
+def output_model_config(plan: MergePlan) -> dict:
+    """config.json of the output: the reference model's, with the output dtype and vocabulary."""
+    config = dict(plan.models[plan.reference].config)
     floats = [tp.out_dtype for tp in plan.tensors if tp.mergeable]
     if floats:
         name = str(floats[0]).replace("torch.", "")
@@ -155,7 +155,11 @@ def write_model_config(plan: MergePlan, folder: Path) -> None:
             config["torch_dtype"] = name
     if plan.vocab is not None:
         config["vocab_size"] = plan.vocab.size
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config
+
+
+def write_model_config(plan: MergePlan, folder: Path) -> None:
+    (folder / "config.json").write_text(json.dumps(output_model_config(plan), indent=2, sort_keys=True) + "\n")
 
 
 def copy_support_files(plan: MergePlan, folder: Path) -> None:

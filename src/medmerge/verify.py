@@ -83,7 +83,9 @@ def recompute(plan: MergePlan, tp: TensorPlan) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def structural_checks(plan: MergePlan, out: Checkpoint, report: VerifyReport) -> None:
+def structural_checks(
+    plan: MergePlan, out: Checkpoint, report: VerifyReport, config_shapes: Optional["ConfigShapes"] = None
+) -> None:
     expected = {tp.name: tp for tp in plan.tensors}
     for name in sorted(set(expected) - set(out.records)):
         report.problems.append(f"tensor {name} is missing from the output")
@@ -101,31 +103,45 @@ def structural_checks(plan: MergePlan, out: Checkpoint, report: VerifyReport) ->
     floats = {rec.torch_dtype for rec in out.records.values() if rec.torch_dtype.is_floating_point}
     if dtype and floats and floats != {getattr(torch, dtype, None)}:
         report.problems.append(f"config.json says dtype {dtype} but float tensors are {sorted(map(str, floats))}")
-    _check_against_transformers(out, report)
+    if config_shapes is None:
+        config_shapes = ConfigShapes.from_config(out.config)
+    config_shapes.check({name: rec.shape for name, rec in out.records.items()}, report)
 
 
-def _check_against_transformers(out: Checkpoint, report: VerifyReport) -> None:
-    """Shapes must be what transformers builds from config.json (meta device, no weights)."""
-    try:
-        from transformers import AutoConfig, AutoModelForCausalLM
+@dataclass
+class ConfigShapes:
+    """The tensor shapes transformers builds from a config.json (meta device, no memory)."""
 
-        cfg = AutoConfig.from_pretrained(str(out.path))
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
-    except Exception as e:  # noqa: BLE001 - unknown architectures are only noted
-        report.notes.append(f"shapes not checked against transformers ({type(e).__name__}: {e})")
-        return
-    params = dict(model.state_dict())
-    for name, rec in out.records.items():
-        t = params.get(name)
-        if t is not None and tuple(t.shape) != tuple(rec.shape):
-            report.problems.append(
-                f"tensor {name}: shape {list(rec.shape)} but config.json implies {list(t.shape)}"
-            )
-    tied = getattr(cfg, "tie_word_embeddings", False)
-    for name in params:
-        if name not in out.records and not (tied and name.endswith("lm_head.weight")):
-            report.problems.append(f"transformers expects tensor {name}, which the output lacks")
+    shapes: Optional[dict[str, tuple]] = None
+    tied: bool = False
+    note: Optional[str] = None
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ConfigShapes":
+        try:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            config = {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")}
+            model_type = config.pop("model_type")
+            cfg = AutoConfig.for_model(model_type, **config)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(cfg)
+        except Exception as e:  # noqa: BLE001 - unknown architectures are only noted
+            return cls(note=f"shapes not checked against transformers ({type(e).__name__}: {e})")
+        shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        return cls(shapes=shapes, tied=bool(getattr(cfg, "tie_word_embeddings", False)))
+
+    def check(self, actual: dict[str, tuple], report: VerifyReport) -> None:
+        if self.shapes is None:
+            report.notes.append(self.note or "shapes not checked against transformers")
+            return
+        for name, shape in actual.items():
+            want = self.shapes.get(name)
+            if want is not None and tuple(want) != tuple(shape):
+                report.problems.append(f"tensor {name}: shape {list(shape)} but config.json implies {list(want)}")
+        for name in self.shapes:
+            if name not in actual and not (self.tied and name.endswith("lm_head.weight")):
+                report.problems.append(f"transformers expects tensor {name}, which the output lacks")
 
 
 def verify_plan(
@@ -137,11 +153,12 @@ def verify_plan(
     check_all_finite: bool = True,
     seed: int = 0,
     progress: bool = False,
+    config_shapes: Optional[ConfigShapes] = None,
 ) -> VerifyReport:
     folder = Path(folder)
     out = Checkpoint(folder)
     report = VerifyReport(folder=str(folder), total_tensors=len(plan.tensors))
-    structural_checks(plan, out, report)
+    structural_checks(plan, out, report, config_shapes)
     present = [tp for tp in plan.tensors if tp.name in out.records]
     chosen = present
     if sample is not None and sample < 1:

@@ -7,12 +7,15 @@ from .base import PER_INPUT, MergeMethod, MethodSpec, Param, TensorInputs, weigh
 
 def linear(x: TensorInputs, p: dict) -> torch.Tensor:
     idx = list(range(len(x.tensors)))
-    w = weights_of(x, idx)
-    result = torch.zeros_like(x.tensors[0])
-    for tensor, coefficient in zip(x.tensors, w):
+    w = weights_of(x, idx)  # in the working dtype, as the coefficients are applied
+    first = x.tensors[0]
+    # 0 + w*t rounds like w*t, so starting from the first term matches mergekit's
+    # zeros().addcmul_() bit for bit while saving a pass (and in place when allowed).
+    result = first.mul_(w[0]) if x.owned else first * w[0]
+    for tensor, coefficient in zip(x.tensors[1:], w[1:]):
         result.add_(tensor, alpha=float(coefficient))
     if p["normalize"]:
-        total = float(w.sum())
+        total = w.sum()
         if total == 0:
             raise ValueError(
                 f"linear: the weights of {x.name} sum to 0, so they cannot be normalized; "
