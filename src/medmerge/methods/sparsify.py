@@ -29,17 +29,46 @@ def _rescale(
     return masked * (before / after).to(tensor.dtype)
 
 
+def rank_range_mask(magnitudes: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Boolean mask of the entries whose ascending rank is in [lo, hi).
+
+    Ranks order equal values by position (a stable sort), so the mask has exactly
+    hi - lo entries and is deterministic. Uses two selections (kthvalue, O(n))
+    instead of a full sort, which is several times faster on large tensors.
+    """
+    flat = magnitudes.reshape(-1)
+    n = flat.numel()
+    mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
+    if hi <= lo:
+        return mask.reshape(magnitudes.shape)
+    mask[:] = True
+    if lo > 0:
+        value = torch.kthvalue(flat, lo + 1).values
+        below = flat < value
+        mask &= ~below
+        drop = lo - int(below.sum())  # equal values ranked before `lo`: the first ones
+        if drop > 0:
+            mask[(flat == value).nonzero().flatten()[:drop]] = False
+    if hi < n:
+        value = torch.kthvalue(flat, hi).values
+        above = flat > value
+        mask &= ~above
+        drop = n - int(above.sum()) - hi  # equal values ranked at or after `hi`: the last ones
+        if drop > 0:
+            mask[(flat == value).nonzero().flatten()[-drop:]] = False
+    return mask.reshape(magnitudes.shape)
+
+
 def magnitude(tensor: torch.Tensor, density: float, mode: Optional[str] = None) -> torch.Tensor:
     """Keep the `density` fraction of entries with the largest magnitude (at least one)."""
     if density >= 1:
         return tensor
     if density <= 0 or tensor.numel() == 0:
         return torch.zeros_like(tensor)
-    k = max(1, int(density * tensor.numel()))
-    flat = tensor.abs().reshape(-1)
-    mask = torch.zeros_like(flat)
-    mask[torch.argsort(flat, descending=True)[:k]] = 1
-    return _rescale(tensor, mask.reshape_as(tensor), mode, keep_prob=density)
+    n = tensor.numel()
+    k = max(1, int(density * n))
+    mask = rank_range_mask(tensor.abs(), n - k, n).to(tensor.dtype)
+    return _rescale(tensor, mask, mode, keep_prob=density)
 
 
 def magnitude_outliers(
@@ -52,10 +81,8 @@ def magnitude_outliers(
     target = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - target - n_top)
-    order = torch.sort(tensor.abs().reshape(-1), descending=False).indices
-    mask = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
-    mask[order[n_bottom : n_bottom + target]] = 1
-    return _rescale(tensor, mask.reshape_as(tensor), mode, keep_prob=density)
+    mask = rank_range_mask(tensor.abs(), n_bottom, min(n, n_bottom + target)).to(tensor.dtype)
+    return _rescale(tensor, mask, mode, keep_prob=density)
 
 
 def bernoulli(
