@@ -4,6 +4,9 @@
 "l1" matches the L1 norm of the dense vector (mergekit 0.1.5), and
 "inverse_density" divides each kept entry by its keep probability (the DARE and
 DELLA papers).
+
+These functions overwrite the task vector they are given (the caller owns it):
+on a large embedding every avoided copy is a gigabyte.
 """
 
 from typing import Optional
@@ -13,20 +16,29 @@ import torch
 from .base import stable_sum
 
 
+def _abs_sum(tensor: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float64, device=tensor.device)
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), chunk):
+        total += stable_sum(flat[start : start + chunk].abs())
+    return total
+
+
 def _rescale(
-    tensor: torch.Tensor, mask: torch.Tensor, mode: Optional[str], keep_prob=None, eps: float = 1e-7
+    tensor: torch.Tensor, keep: torch.Tensor, mode: Optional[str], keep_prob=None, eps: float = 1e-7
 ) -> torch.Tensor:
-    masked = tensor * mask
+    """Zero the entries where `keep` (bool) is False, then rescale, in place."""
+    before = _abs_sum(tensor) if mode == "l1" else None
+    tensor.masked_fill_(~keep, 0)
     if mode is None:
-        return masked
+        return tensor
     if mode == "inverse_density":
-        return masked / keep_prob
-    # stable_sum: the ratio must not depend on how torch splits a sum across threads
-    before = stable_sum(tensor.abs())
-    after = stable_sum(masked.abs())
+        return tensor.div_(keep_prob)
+    # stable sums: the ratio must not depend on how torch splits a sum across threads
+    after = _abs_sum(tensor)
     if before < eps or after < eps:
-        return masked
-    return masked * (before / after).to(tensor.dtype)
+        return tensor
+    return tensor.mul_((before / after).to(tensor.dtype))
 
 
 def rank_range_mask(magnitudes: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -67,8 +79,7 @@ def magnitude(tensor: torch.Tensor, density: float, mode: Optional[str] = None) 
         return torch.zeros_like(tensor)
     n = tensor.numel()
     k = max(1, int(density * n))
-    mask = rank_range_mask(tensor.abs(), n - k, n).to(tensor.dtype)
-    return _rescale(tensor, mask, mode, keep_prob=density)
+    return _rescale(tensor, rank_range_mask(tensor.abs(), n - k, n), mode, keep_prob=density)
 
 
 def magnitude_outliers(
@@ -81,8 +92,8 @@ def magnitude_outliers(
     target = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - target - n_top)
-    mask = rank_range_mask(tensor.abs(), n_bottom, min(n, n_bottom + target)).to(tensor.dtype)
-    return _rescale(tensor, mask, mode, keep_prob=density)
+    keep = rank_range_mask(tensor.abs(), n_bottom, min(n, n_bottom + target))
+    return _rescale(tensor, keep, mode, keep_prob=density)
 
 
 def bernoulli(
@@ -93,8 +104,7 @@ def bernoulli(
         return tensor
     # Draw on the CPU from a per-tensor generator so the mask is the same on any device.
     keep = torch.rand(tensor.shape, generator=generator, dtype=torch.float32) < density
-    mask = keep.to(device=tensor.device, dtype=tensor.dtype)
-    return _rescale(tensor, mask, mode, keep_prob=density)
+    return _rescale(tensor, keep.to(tensor.device), mode, keep_prob=density)
 
 
 def della_magprune(
@@ -124,5 +134,4 @@ def della_magprune(
     rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
     draws = torch.rand(probs.shape, generator=generator, dtype=torch.float32).to(probs.device)
-    mask = (draws < probs).to(rows.dtype)
-    return _rescale(rows, mask, mode, keep_prob=probs).reshape(shape)
+    return _rescale(rows, draws < probs, mode, keep_prob=probs).reshape(shape)

@@ -14,15 +14,6 @@ from . import sparsify
 from .base import PER_NON_BASE, MergeMethod, MethodSpec, Param, TensorInputs
 
 
-def sign_consensus_mask(election: torch.Tensor, method: str) -> torch.Tensor:
-    """TIES sign election over stacked deltas: the sign of the summed mass ("sum")
-    or of the majority of signs ("count"); True where a delta agrees."""
-    sign = election.sign()
-    votes = election.sum(dim=0) if method == "sum" else sign.sum(dim=0)
-    majority = (votes >= 0).to(sign.dtype) * 2 - 1
-    return sign == majority
-
-
 def _sparsify(x: TensorInputs, row: int, delta: torch.Tensor, mp: dict, method: str, mode) -> torch.Tensor:
     density = mp["density"]
     if method == "magnitude":
@@ -58,18 +49,19 @@ def generalized_task_arithmetic(
             weighted.append((delta.mul_(weights[row]), 1.0))
 
     mixed = torch.zeros_like(base)
-    divisor = torch.zeros_like(base) if consensus else None
     if consensus:
         votes = torch.zeros_like(base)
         for tensor, _ in weighted:
             votes.add_(tensor if consensus == "sum" else tensor.sign())
-        majority = torch.where(votes >= 0, 1.0, -1.0).to(base.dtype)
+        positive = votes >= 0  # the elected sign; zero entries never agree with it
         del votes
+        divisor = torch.zeros_like(base)
         by_count = p.get("disjoint_mean", "weights") == "count"
         for (tensor, factor), w in zip(weighted, weights):
-            agree = tensor.sign() == majority
-            mixed.add_(torch.where(agree, tensor, 0), alpha=factor)
+            agree = torch.where(positive, tensor > 0, tensor < 0)
+            mixed.add_(tensor.masked_fill_(~agree, 0), alpha=factor)
             divisor.add_(agree.to(base.dtype), alpha=1.0 if by_count else w)
+            del agree
         divisor[divisor == 0] = 1
     else:
         for tensor, factor in weighted:
