@@ -21,3 +21,18 @@ def test_magnitude_keeps_exactly_k_with_ties():
     x = torch.tensor([1.0, -1.0, 1.0, 0.5, -2.0, 1.0])
     kept = magnitude(x, density=0.5)  # k = 3 of |x| = 1,1,1,.5,2,1: 2 and the last two 1s
     assert torch.equal(kept, torch.tensor([0.0, 0.0, 1.0, 0.0, -2.0, 1.0]))
+
+
+def test_kth_smallest_and_rank_mask_on_large_tensors_with_ties():
+    from medmerge.methods.sparsify import kth_smallest
+
+    g = torch.Generator().manual_seed(1)
+    # bfloat16-valued data: a million entries over a few thousand distinct values
+    x = torch.randn(1_000_003, generator=g).bfloat16().float().abs()
+    order = torch.sort(x, stable=True)
+    for k in (1, 17, 500_000, 999_999, 1_000_003):
+        assert kth_smallest(x, k) == order.values[k - 1]
+    for lo, hi in ((0, 400_000), (600_000, 1_000_003), (123_456, 876_543)):
+        expected = torch.zeros_like(x, dtype=torch.bool)
+        expected[order.indices[lo:hi]] = True
+        assert torch.equal(rank_range_mask(x, lo, hi), expected)

@@ -72,18 +72,17 @@ def resolved_config(plan: MergePlan) -> dict:
 
 
 def library_versions() -> dict:
-    import safetensors
-    import torch
-    import transformers
+    from importlib.metadata import PackageNotFoundError, version
 
     from . import __version__
 
-    return {
-        "medmerge": __version__,
-        "torch": str(torch.__version__),
-        "transformers": transformers.__version__,
-        "safetensors": safetensors.__version__,
-    }
+    out = {"medmerge": __version__}
+    for name in ("torch", "transformers", "safetensors"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def write_provenance(plan: MergePlan, folder: Path, hashes: list[dict], stats: Optional[dict] = None) -> dict:

@@ -9,6 +9,7 @@ These functions overwrite the task vector they are given (the caller owns it):
 on a large embedding every avoided copy is a gigabyte.
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -27,9 +28,9 @@ def _abs_sum(tensor: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
 def _rescale(
     tensor: torch.Tensor, keep: torch.Tensor, mode: Optional[str], keep_prob=None, eps: float = 1e-7
 ) -> torch.Tensor:
-    """Zero the entries where `keep` (bool) is False, then rescale, in place."""
+    """Zero the entries where `keep` (bool, or float 0/1) is 0, then rescale, in place."""
     before = _abs_sum(tensor) if mode == "l1" else None
-    tensor.masked_fill_(~keep, 0)
+    tensor.mul_(keep)
     if mode is None:
         return tensor
     if mode == "inverse_density":
@@ -41,33 +42,82 @@ def _rescale(
     return tensor.mul_((before / after).to(tensor.dtype))
 
 
+def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest value (1-based) of a 1-D tensor, exactly.
+
+    A sorted strided sample brackets the answer; one counting pass and one
+    extraction of the few values inside the bracket replace a selection over the
+    whole tensor (about 3x faster than torch.kthvalue on large tensors). If the
+    bracket misses, the full selection runs, so the result is always exact.
+    """
+    n = flat.numel()
+    if n <= (1 << 18):
+        return torch.kthvalue(flat, k).values
+    sample = flat[:: max(1, n >> 16)].sort().values
+    m = sample.numel()
+    target = (k - 0.5) / n * m
+    margin = 6 * math.sqrt(m) + 8
+    lo_i, hi_i = int(target - margin), int(target + margin)
+    low = sample[lo_i] if lo_i > 0 else None
+    high = sample[hi_i] if hi_i < m - 1 else None
+    if low is None and high is None:
+        return torch.kthvalue(flat, k).values
+    below = int(torch.count_nonzero(flat < low)) if low is not None else 0
+    if low is None:
+        inside = flat <= high
+    elif high is None:
+        inside = flat >= low
+    else:
+        inside = (flat >= low) & (flat <= high)
+    candidates = flat[inside]
+    if below < k <= below + candidates.numel():
+        return torch.kthvalue(candidates, k - below).values
+    return torch.kthvalue(flat, k).values
+
+
+def _drop_ties(mask: torch.Tensor, equal: torch.Tensor, count: int, from_start: bool, chunk: int = 1 << 20) -> None:
+    """Clear `mask` at the first (or last) `count` positions where `equal` is True,
+    scanning chunk by chunk so only the chunks that hold them are indexed."""
+    n = equal.numel()
+    starts = range(0, n, chunk) if from_start else reversed(range(0, n, chunk))
+    for start in starts:
+        if count <= 0:
+            return
+        part = equal[start : start + chunk]
+        found = int(torch.count_nonzero(part))
+        if not found:
+            continue
+        idx = part.nonzero().flatten()
+        idx = idx[:count] if from_start else idx[-count:]
+        mask[start + idx] = False
+        count -= idx.numel()
+
+
 def rank_range_mask(magnitudes: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Boolean mask of the entries whose ascending rank is in [lo, hi).
 
     Ranks order equal values by position (a stable sort), so the mask has exactly
-    hi - lo entries and is deterministic. Uses two selections (kthvalue, O(n))
-    instead of a full sort, which is several times faster on large tensors.
+    hi - lo entries and is deterministic. Uses selections (`kth_smallest`), not a
+    full sort, which is several times faster on large tensors.
     """
     flat = magnitudes.reshape(-1)
     n = flat.numel()
-    mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
     if hi <= lo:
-        return mask.reshape(magnitudes.shape)
-    mask[:] = True
+        return torch.zeros(magnitudes.shape, dtype=torch.bool, device=flat.device)
+    mask = None
     if lo > 0:
-        value = torch.kthvalue(flat, lo + 1).values
-        below = flat < value
-        mask &= ~below
-        drop = lo - int(below.sum())  # equal values ranked before `lo`: the first ones
-        if drop > 0:
-            mask[(flat == value).nonzero().flatten()[:drop]] = False
+        value = kth_smallest(flat, lo + 1)
+        mask = flat >= value
+        # values equal to `value` ranked before `lo` (the first ones) are out
+        _drop_ties(mask, flat == value, lo - (n - int(torch.count_nonzero(mask))), from_start=True)
     if hi < n:
-        value = torch.kthvalue(flat, hi).values
-        above = flat > value
-        mask &= ~above
-        drop = n - int(above.sum()) - hi  # equal values ranked at or after `hi`: the last ones
-        if drop > 0:
-            mask[(flat == value).nonzero().flatten()[-drop:]] = False
+        value = kth_smallest(flat, hi)
+        upper = flat <= value
+        # values equal to `value` ranked at or after `hi` (the last ones) are out
+        _drop_ties(upper, flat == value, int(torch.count_nonzero(upper)) - hi, from_start=False)
+        mask = upper if mask is None else mask & upper
+    if mask is None:
+        mask = torch.ones(n, dtype=torch.bool, device=flat.device)
     return mask.reshape(magnitudes.shape)
 
 
@@ -96,6 +146,16 @@ def magnitude_outliers(
     return _rescale(tensor, keep, mode, keep_prob=density)
 
 
+def _keep_where_below(uniform: torch.Tensor, prob) -> torch.Tensor:
+    """Float 0/1 mask of uniform < prob, computed in place as ceil(prob - u).
+
+    With u in [0, 1) and prob in (0, 1], prob - u lies in (-1, 1] and is exact near
+    0 (Sterbenz), so its ceiling is 1 exactly when u < prob. Float masks multiply
+    several times faster than boolean ones on the CPU.
+    """
+    return uniform.neg_().add_(prob).ceil_()
+
+
 def bernoulli(
     tensor: torch.Tensor, density: float, generator: torch.Generator, mode: Optional[str] = None
 ) -> torch.Tensor:
@@ -103,7 +163,7 @@ def bernoulli(
     if density >= 1:
         return tensor
     # Draw on the CPU from a per-tensor generator so the mask is the same on any device.
-    keep = torch.rand(tensor.shape, generator=generator, dtype=torch.float32) < density
+    keep = _keep_where_below(torch.rand(tensor.shape, generator=generator, dtype=torch.float32), density)
     return _rescale(tensor, keep.to(tensor.device), mode, keep_prob=density)
 
 
@@ -134,4 +194,4 @@ def della_magprune(
     rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
     draws = torch.rand(probs.shape, generator=generator, dtype=torch.float32).to(probs.device)
-    return _rescale(rows, draws < probs, mode, keep_prob=probs).reshape(shape)
+    return _rescale(rows, _keep_where_below(draws, probs), mode, keep_prob=probs).reshape(shape)

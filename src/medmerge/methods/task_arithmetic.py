@@ -53,14 +53,15 @@ def generalized_task_arithmetic(
         votes = torch.zeros_like(base)
         for tensor, _ in weighted:
             votes.add_(tensor if consensus == "sum" else tensor.sign())
-        positive = votes >= 0  # the elected sign; zero entries never agree with it
+        # the elected sign as +1/-1 (ties go to +1); float masks are cheaper than boolean ones
+        elected = (votes >= 0).to(base.dtype).mul_(2).sub_(1)
         del votes
         divisor = torch.zeros_like(base)
         by_count = p.get("disjoint_mean", "weights") == "count"
         for (tensor, factor), w in zip(weighted, weights):
-            agree = torch.where(positive, tensor > 0, tensor < 0)
-            mixed.add_(tensor.masked_fill_(~agree, 0), alpha=factor)
-            divisor.add_(agree.to(base.dtype), alpha=1.0 if by_count else w)
+            agree = tensor.sign().mul_(elected).clamp_(min=0)  # 1 where signs agree; 0 for zeros
+            mixed.add_(tensor.mul_(agree), alpha=factor)
+            divisor.add_(agree, alpha=1.0 if by_count else w)
             del agree
         divisor[divisor == 0] = 1
     else:
