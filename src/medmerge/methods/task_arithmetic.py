@@ -13,6 +13,8 @@ import torch
 from . import sparsify
 from .base import PER_NON_BASE, MergeMethod, MethodSpec, Param, TensorInputs
 
+_CHUNK = 1 << 22  # elements per step of the elementwise combination
+
 
 def _sparsify(x: TensorInputs, row: int, delta: torch.Tensor, mp: dict, method: str, mode) -> torch.Tensor:
     density = mp["density"]
@@ -21,10 +23,10 @@ def _sparsify(x: TensorInputs, row: int, delta: torch.Tensor, mp: dict, method: 
     if method == "magnitude_outliers":
         return sparsify.magnitude_outliers(delta, density, mp["gamma"], mode)
     # One random stream per (seed, tensor, input position): independent of execution order.
-    gen = torch.Generator().manual_seed(x.stream_seed(row))
+    stream = sparsify.UniformStream(x.stream_seed(row))
     if method == "random":
-        return sparsify.bernoulli(delta, density, gen, mode)
-    return sparsify.della_magprune(delta, density, mp["epsilon"], gen, mode, where=f" ({x.name})")
+        return sparsify.bernoulli(delta, density, stream, mode)
+    return sparsify.della_magprune(delta, density, mp["epsilon"], stream, mode, where=f" ({x.name})")
 
 
 def generalized_task_arithmetic(
@@ -40,7 +42,7 @@ def generalized_task_arithmetic(
     # are elected on unweighted deltas. In place when the inputs are ours to overwrite.
     weighted = []
     for row, i in enumerate(others):
-        delta = x.tensors[i].sub_(base) if x.owned else x.tensors[i] - base
+        delta = (x.tensors[i].sub_(base) if x.owned else x.tensors[i] - base).contiguous()
         if sparsification:
             delta = _sparsify(x, row, delta, x.model_params[i], sparsification, mode)
         if p.get("sign_election") == "unweighted":
@@ -48,33 +50,40 @@ def generalized_task_arithmetic(
         else:
             weighted.append((delta.mul_(weights[row]), 1.0))
 
-    mixed = torch.zeros_like(base)
-    if consensus:
-        votes = torch.zeros_like(base)
-        for tensor, _ in weighted:
-            votes.add_(tensor if consensus == "sum" else tensor.sign())
-        # the elected sign as +1/-1 (ties go to +1); float masks are cheaper than boolean ones
-        elected = (votes >= 0).to(base.dtype).mul_(2).sub_(1)
-        del votes
-        divisor = torch.zeros_like(base)
-        by_count = p.get("disjoint_mean", "weights") == "count"
-        for (tensor, factor), w in zip(weighted, weights):
-            agree = tensor.sign().mul_(elected).clamp_(min=0)  # 1 where signs agree; 0 for zeros
-            mixed.add_(tensor.mul_(agree), alpha=factor)
-            divisor.add_(agree, alpha=1.0 if by_count else w)
-            del agree
-        divisor[divisor == 0] = 1
-    else:
-        for tensor, factor in weighted:
-            mixed.add_(tensor, alpha=factor)
-        total = sum(weights)
-        divisor = total if abs(total) >= 1e-8 else 1.0
+    # The combination is elementwise: run it in chunks, writing into the base's buffer,
+    # so its temporaries (votes, elected signs, agreement, sums) stay chunk-sized.
+    out = base.contiguous() if x.owned else base.clone(memory_format=torch.contiguous_format)
+    flat_out = out.view(-1)
+    flat = [(tensor.reshape(-1), factor) for tensor, factor in weighted]
     del weighted
-    if p["normalize"]:
-        mixed.div_(divisor)
-    if p["lambda"] != 1:
-        mixed.mul_(p["lambda"])
-    return mixed.add_(base)
+    by_count = p.get("disjoint_mean", "weights") == "count"
+    total = sum(weights)
+    for start in range(0, flat_out.numel(), _CHUNK):
+        part = slice(start, start + _CHUNK)
+        mixed = torch.zeros_like(flat_out[part])
+        if consensus:
+            votes = torch.zeros_like(mixed)
+            for tensor, _ in flat:
+                votes.add_(tensor[part] if consensus == "sum" else tensor[part].sign())
+            # the elected sign as +1/-1 (ties go to +1); float masks beat boolean ones on CPU
+            elected = (votes >= 0).to(mixed.dtype).mul_(2).sub_(1)
+            del votes
+            divisor = torch.zeros_like(mixed)
+            for (tensor, factor), w in zip(flat, weights):
+                agree = tensor[part].sign().mul_(elected).clamp_(min=0)  # 1 where signs agree; 0 for zeros
+                mixed.add_(tensor[part].mul_(agree), alpha=factor)
+                divisor.add_(agree, alpha=1.0 if by_count else w)
+            divisor[divisor == 0] = 1
+        else:
+            for tensor, factor in flat:
+                mixed.add_(tensor[part], alpha=factor)
+            divisor = total if abs(total) >= 1e-8 else 1.0
+        if p["normalize"]:
+            mixed.div_(divisor)
+        if p["lambda"] != 1:
+            mixed.mul_(p["lambda"])
+        flat_out[part].add_(mixed)
+    return out
 
 
 def _no_sparsification(g: dict, models: list) -> bool:
