@@ -449,7 +449,15 @@ def machine_info() -> dict:
 
     return {"cpu": cpu, "cores": os.cpu_count(), "mem_bytes": mem, "python": platform.python_version(),
             "torch": torch.__version__, "mergekit": version("mergekit"), "medmerge": version("medmerge"),
-            "safetensors": version("safetensors")}
+            "safetensors": version("safetensors"), "medmerge_commit": _git("rev-parse", "HEAD"),
+            "medmerge_tree_dirty": bool(_git("status", "--porcelain", "--", "src"))}
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
 
 
 def fmt_gb(n) -> str:
@@ -530,7 +538,8 @@ def main() -> None:
         cfg_file = cfg_root / f"{method}.yml"
         cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
         ins = [paths[r] for r in METHOD_INPUTS[method]]
-        row = {"method": method, "config": str(cfg_file.relative_to(ROOT)),
+        row = {"method": method, "config": str(cfg_file.relative_to(ROOT)), "medmerge_commit": _git("rev-parse", "HEAD"),
+               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "io_floor": io_floor(ins, model_bytes(s), out_root / "floor.bin")}
         outs = {"mergekit": out_root / f"{method}-mergekit", "medmerge": out_root / f"{method}-medmerge"}
         cmds = {
