@@ -97,21 +97,33 @@ def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _drop_ties(mask: torch.Tensor, equal: torch.Tensor, count: int, from_start: bool, chunk: int = 1 << 20) -> None:
-    """Clear `mask` at the first (or last) `count` positions where `equal` is True,
-    scanning chunk by chunk so only the chunks that hold them are indexed."""
+    """Clear `mask` at the first (or last) `count` positions where `equal` is True.
+
+    Counts per chunk locate the chunk where the count is reached and a cumulative
+    sum inside it the exact position; then one boolean pass clears the prefix (or
+    suffix) up to it. No index lists over the whole tensor.
+    """
+    if count <= 0:
+        return
     n = equal.numel()
+    seen = 0
     starts = range(0, n, chunk) if from_start else reversed(range(0, n, chunk))
     for start in starts:
-        if count <= 0:
-            return
         part = equal[start : start + chunk]
         found = int(torch.count_nonzero(part))
-        if not found:
-            continue
-        idx = part.nonzero().flatten()
-        idx = idx[:count] if from_start else idx[-count:]
-        mask[start + idx] = False
-        count -= idx.numel()
+        if seen + found >= count:
+            need = count - seen
+            if from_start:
+                within = torch.cumsum(part.to(torch.int32), 0)
+                stop = start + int(torch.searchsorted(within, need)) + 1
+                mask[:stop].logical_and_(~equal[:stop])
+            else:
+                within = torch.cumsum(part.flip(0).to(torch.int32), 0)
+                begin = start + part.numel() - (int(torch.searchsorted(within, need)) + 1)
+                mask[begin:].logical_and_(~equal[begin:])
+            return
+        seen += found
+    raise AssertionError("fewer ties than the count to drop")
 
 
 def rank_range_mask(magnitudes: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
