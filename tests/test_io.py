@@ -203,3 +203,14 @@ def test_provenance_records_resolved_config(llama_family, tmp_path):
     assert len(digest) == 64
     card = (out / "README.md").read_text()
     assert "ties" in card and digest in card and "torch" in card
+
+
+def test_post_merge_check_samples_small_tensors(llama_family, tmp_path):
+    result = medmerge.merge(ta_cfg(llama_family), tmp_path / "out", progress=False)
+    sizes = sorted(tp.nbytes for tp in result.plan.tensors)
+    median = sizes[len(sizes) // 2]
+    checked = {c.name for c in result.verification.checked}
+    assert len(checked) == 4
+    by_name = {tp.name: tp for tp in result.plan.tensors}
+    assert all(by_name[n].nbytes <= median for n in checked)
+    assert "model.embed_tokens.weight" not in checked
