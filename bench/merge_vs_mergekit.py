@@ -179,7 +179,6 @@ class Pools:
 
     def tensor(self, name: str, shape: tuple[int, ...], role: str) -> torch.Tensor:
         """The base value of `name`, plus a delta for fine-tune roles."""
-        n = math.prod(shape)
         if len(shape) == 1:  # norms ~ 1 + N(0, 0.1), biases ~ N(0, 0.02); deltas 10x smaller than the spread
             g = torch.Generator().manual_seed(self._seed("base", name))
             spread = 0.1 if name.endswith("norm.weight") else 0.02
