@@ -32,7 +32,6 @@ PREFETCH_BYTES = 512 * 1024 * 1024
 class StreamStats:
     tensors: int
     units: int
-    bytes_read: int
     bytes_written: int
     seconds: float
 
@@ -139,7 +138,6 @@ def stream_merge(
     read_q: queue.Queue = queue.Queue(maxsize=2)
     write_q: queue.Queue = queue.Queue(maxsize=2)
     errors: list[BaseException] = []
-    counters = {"read": 0}
     total_bytes = sum(tp.nbytes for tp in plan.tensors)
     start = time.perf_counter()
 
@@ -149,7 +147,6 @@ def stream_merge(
                 size = _unit_input_bytes(plan, tp, rows)
                 budget.acquire(size, stop)
                 tensors, owned = load_inputs(plan, tp, rows)
-                counters["read"] += size
                 _put(read_q, (tp, rows, first, tensors, owned, size), stop)
                 del tensors
             _put(read_q, None, stop)
@@ -220,7 +217,6 @@ def stream_merge(
     return StreamStats(
         tensors=len(plan.tensors),
         units=len(units),
-        bytes_read=counters["read"],
         bytes_written=writer.bytes_written,
         seconds=time.perf_counter() - start,
     )
