@@ -30,6 +30,21 @@ def copy_model(src: Path, dst: Path) -> Path:
     return dst
 
 
+def edited_copy(src: Path, dst: Path, edit) -> Path:
+    """A copy of model `src` whose state dict went through `edit` (in place)."""
+    copy_model(src, dst)
+    state = load_file(dst / "model.safetensors")
+    edit(state)
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def assert_merge_fails(inputs, out: Path, error, match: str) -> None:
+    with pytest.raises(error, match=match):
+        medmerge.merge(linear_cfg(*inputs), out, progress=False)
+    assert_nothing_written(out)
+
+
 def test_mismatched_shapes(llama_family, tmp_path):
     other = medmerge.tiny.make_model(tmp_path / "wide", seed=5, hidden=48, layers=2, vocab=64)
     out = tmp_path / "out"
@@ -39,26 +54,20 @@ def test_mismatched_shapes(llama_family, tmp_path):
 
 
 def test_missing_tensor_names_model_and_tensor(llama_family, tmp_path):
-    broken = copy_model(llama_family["b"], tmp_path / "broken")
-    state = load_file(broken / "model.safetensors")
-    del state["model.layers.1.mlp.up_proj.weight"]
-    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
-    out = tmp_path / "out"
-    with pytest.raises(InputError, match=r"broken has no tensor 'model.layers.1.mlp.up_proj.weight'"):
-        medmerge.merge(linear_cfg(llama_family["a"], broken), out, progress=False)
-    assert_nothing_written(out)
+    broken = edited_copy(llama_family["b"], tmp_path / "broken",
+                         lambda state: state.pop("model.layers.1.mlp.up_proj.weight"))
+    assert_merge_fails([llama_family["a"], broken], tmp_path / "out", InputError,
+                       r"broken has no tensor 'model.layers.1.mlp.up_proj.weight'")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_or_inf_input_is_named(llama_family, tmp_path, bad):
-    broken = copy_model(llama_family["b"], tmp_path / "broken")
-    state = load_file(broken / "model.safetensors")
-    state["model.layers.0.self_attn.q_proj.weight"][3, 4] = bad
-    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
-    out = tmp_path / "out"
-    with pytest.raises(InputError, match=r"'model.layers.0.self_attn.q_proj.weight' of model .*broken holds 1 NaN"):
-        medmerge.merge(linear_cfg(llama_family["a"], broken), out, progress=False)
-    assert_nothing_written(out)
+    def poison(state):
+        state["model.layers.0.self_attn.q_proj.weight"][3, 4] = bad
+
+    broken = edited_copy(llama_family["b"], tmp_path / "broken", poison)
+    assert_merge_fails([llama_family["a"], broken], tmp_path / "out", InputError,
+                       r"'model.layers.0.self_attn.q_proj.weight' of model .*broken holds 1 NaN")
 
 
 def test_truncated_shard(llama_family, tmp_path):
@@ -66,10 +75,8 @@ def test_truncated_shard(llama_family, tmp_path):
     f = broken / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) - 100])
-    out = tmp_path / "out"
-    with pytest.raises(InputError, match=r"model.safetensors: truncated: tensor .* re-download"):
-        medmerge.merge(linear_cfg(llama_family["a"], broken), out, progress=False)
-    assert_nothing_written(out)
+    assert_merge_fails([llama_family["a"], broken], tmp_path / "out", InputError,
+                       r"model.safetensors: truncated: tensor .* re-download")
 
 
 def test_corrupt_header(llama_family, tmp_path):

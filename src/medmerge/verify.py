@@ -16,7 +16,8 @@ from .config import parse_config
 from .errors import InputError
 from .execute import CHUNK_ELEMENTS
 from .io.checkpoint import Checkpoint
-from .plan import MergePlan, TensorPlan, build_plan, open_models
+from .methods.base import CHUNK
+from .plan import MergePlan, TensorPlan, build_plan, input_refs, open_models
 from .provenance import sha256_file, split_provenance
 
 
@@ -49,9 +50,6 @@ def tolerance(dtype: torch.dtype) -> float:
     return 4 * torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
 
 
-_CHUNK = 1 << 22
-
-
 def compare(expected: torch.Tensor, actual: torch.Tensor) -> tuple[float, float, bool]:
     """(largest abs error, largest relative error, within tolerance), chunk by chunk so
     that comparing a large embedding needs no full-size float64 copies."""
@@ -66,8 +64,8 @@ def compare(expected: torch.Tensor, actual: torch.Tensor) -> tuple[float, float,
     tol = tolerance(expected.dtype)
     max_abs = max_rel = 0.0
     ok = True
-    for start in range(0, e.numel(), _CHUNK):
-        ec, ac = e[start : start + _CHUNK].to(work), a[start : start + _CHUNK].to(work)
+    for start in range(0, e.numel(), CHUNK):
+        ec, ac = e[start : start + CHUNK].to(work), a[start : start + CHUNK].to(work)
         diff = (ec - ac).abs()
         max_abs = max(max_abs, float(diff.max()))
         max_rel = max(max_rel, float((diff / ec.abs().clamp(min=1e-12)).max()))
@@ -207,8 +205,6 @@ def verify(
         raise InputError(f"{folder} has no medmerge.yml: only folders written by `medmerge merge` can be verified")
     doc, provenance = split_provenance(yaml.safe_load(record_file.read_text()))
     config = parse_config(doc, source=str(record_file))
-    from .plan import input_refs
-
     refs, _ = input_refs(config)
     models = open_models(refs, allow_pickle=allow_pickle)
     notes = []

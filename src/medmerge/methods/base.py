@@ -175,6 +175,19 @@ def stable_sum(x: torch.Tensor) -> torch.Tensor:
     return total
 
 
+CHUNK = 1 << 22  # elements per step of chunked work: bounds scratch memory
+
+
+def chunked_sum(fn, *tensors: torch.Tensor) -> torch.Tensor:
+    """stable_sum of fn(*chunks) over the flattened tensors, chunk by chunk, so that
+    e.g. sum(|x|) or sum(a * b) never builds a full-size temporary."""
+    flats = [t.reshape(-1) for t in tensors]
+    total = torch.zeros((), dtype=torch.float64, device=flats[0].device)
+    for start in range(0, flats[0].numel(), CHUNK):
+        total += stable_sum(fn(*(f[start : start + CHUNK] for f in flats)))
+    return total
+
+
 def weights_of(inputs: TensorInputs, indices: Sequence[int], key: str = "weight") -> torch.Tensor:
     ref = inputs.tensors[indices[0]]
     return torch.tensor(

@@ -5,32 +5,21 @@ Each tensor is treated as one flattened vector (as mergekit 0.1.5 does).
 
 import torch
 
-from .base import MergeMethod, MethodSpec, Param, TensorInputs, stable_sum
+from .base import MergeMethod, MethodSpec, Param, TensorInputs, chunked_sum
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 
 
-_CHUNK = 1 << 22  # elements per reduction chunk: bounds scratch memory
-
-
-def _sum_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum(a * b) as float64, chunk by chunk (no full-size temporary), independent
-    of the thread count (stable_sum)."""
-    total = torch.zeros((), dtype=torch.float64, device=a.device)
-    for start in range(0, a.numel(), _CHUNK):
-        total += stable_sum(a[start : start + _CHUNK] * b[start : start + _CHUNK])
-    return total
-
-
 def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """SLERP of two tensors as flattened vectors; `inplace` may overwrite v0."""
     a, b = v0.reshape(-1), v1.reshape(-1)
-    norm_a = _sum_products(a, a).sqrt()
-    norm_b = _sum_products(b, b).sqrt()
+    # chunked float64-accumulated sums: no full-size temporaries, thread-independent
+    norm_a = chunked_sum(torch.mul, a, a).sqrt()
+    norm_b = chunked_sum(torch.mul, b, b).sqrt()
     norm_a = norm_a if norm_a > EPS else torch.ones_like(norm_a)
     norm_b = norm_b if norm_b > EPS else torch.ones_like(norm_b)
-    dot = (_sum_products(a, b) / (norm_a * norm_b)).clamp(-1, 1)
+    dot = (chunked_sum(torch.mul, a, b) / (norm_a * norm_b)).clamp(-1, 1)
     if dot.abs() > DOT_THRESHOLD:
         # (anti)collinear: the sphere arc is degenerate, fall back to lerp
         coef_a, coef_b = 1 - t, t

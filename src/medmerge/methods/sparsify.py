@@ -15,15 +15,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .base import stable_sum
+from .base import chunked_sum
 
 
-def _abs_sum(tensor: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
-    total = torch.zeros((), dtype=torch.float64, device=tensor.device)
-    flat = tensor.reshape(-1)
-    for start in range(0, flat.numel(), chunk):
-        total += stable_sum(flat[start : start + chunk].abs())
-    return total
+def _abs_sum(tensor: torch.Tensor) -> torch.Tensor:
+    return chunked_sum(torch.abs, tensor)
 
 
 def _rescale(

@@ -11,9 +11,7 @@ from typing import Optional
 import torch
 
 from . import sparsify
-from .base import PER_NON_BASE, MergeMethod, MethodSpec, Param, TensorInputs
-
-_CHUNK = 1 << 22  # elements per step of the elementwise combination
+from .base import CHUNK, PER_NON_BASE, MergeMethod, MethodSpec, Param, TensorInputs
 
 
 def _sparsify(x: TensorInputs, row: int, delta: torch.Tensor, mp: dict, method: str, mode) -> torch.Tensor:
@@ -58,8 +56,8 @@ def generalized_task_arithmetic(
     del weighted
     by_count = p.get("disjoint_mean", "weights") == "count"
     total = sum(weights)
-    for start in range(0, flat_out.numel(), _CHUNK):
-        part = slice(start, start + _CHUNK)
+    for start in range(0, flat_out.numel(), CHUNK):
+        part = slice(start, start + CHUNK)
         mixed = torch.zeros_like(flat_out[part])
         if consensus:
             votes = torch.zeros_like(mixed)
