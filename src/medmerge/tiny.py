@@ -43,13 +43,13 @@ def save_tokenizer(path: Path, words: list[str]) -> None:
 
 
 def tiny_config(arch: str = "llama", hidden: int = 32, layers: int = 2, vocab: int = 128, heads: int = 4,
-                intermediate: Optional[int] = None, tie: Optional[bool] = None):
+                intermediate: Optional[int] = None, tie: Optional[bool] = None, max_positions: int = 128):
     from transformers import LlamaConfig, Qwen2Config
 
     common = dict(
         hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=max(1, heads // 2), intermediate_size=intermediate or hidden * 2,
-        vocab_size=vocab, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        vocab_size=vocab, max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, pad_token_id=3,
     )
     if arch == "llama":
         return LlamaConfig(**common, tie_word_embeddings=bool(tie))
