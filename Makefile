@@ -14,6 +14,7 @@ $(VENV)/.runtime: requirements/lock.txt pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements/lock.txt
 	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m medmerge.evaluation.nltk_data
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime requirements/dev.txt

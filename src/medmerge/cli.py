@@ -107,6 +107,120 @@ def methods_cmd() -> None:
         Console().print(f"[bold]{name}[/] base={spec.base}: {params}")
 
 
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="local model folder (Hugging Face format)"),
+    tasks: str = typer.Option("", "--tasks", help="comma-separated: mm_* tasks (`medmerge tasks`) or lm-eval built-ins"),
+    out: Path = typer.Option(..., "--out", help="output folder for results.json (written atomically)"),
+    task_file: list[Path] = typer.Option([], "--task-file", help="generic clinical-generation task SPEC.yaml (repeatable)"),
+    peft: Optional[Path] = typer.Option(None, "--peft", help="PEFT adapter folder to apply to MODEL"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="MEDMERGE_DATA", help="folder with the task data (or MEDMERGE_DATA)"),
+    limit: Optional[float] = typer.Option(None, "--limit", help="first N documents per task (or a fraction < 1)"),
+    batch_size: str = typer.Option("1", "--batch-size", help="batch size, or auto"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16"),
+    seed: int = typer.Option(1234, "--seed", help="seed for python, numpy, torch and few-shot sampling"),
+    gen_kwargs: Optional[str] = typer.Option(None, "--gen-kwargs", help="e.g. temperature=0.7,top_p=0.9,do_sample=true,max_new_tokens=64"),
+    chat_template: str = typer.Option("auto", "--chat-template", help="auto (apply the model's template if it has one) or none"),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="system message for chat-templated prompts"),
+    log_samples: bool = typer.Option(False, "--log-samples", help="write OUT/samples/<task>.jsonl"),
+    force: bool = typer.Option(False, "--force", help="replace OUT if it exists and is not empty"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="load .bin pickle weights (only if you trust them)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show lm-eval's log"),
+) -> None:
+    """Evaluate MODEL (optionally with --peft) on --tasks, offline; write OUT/results.json."""
+    from .evaluation.runner import evaluate
+
+    if limit is not None and limit <= 0:
+        _fail(MedmergeError("--limit must be positive"))
+    lim = None if limit is None else (int(limit) if limit >= 1 else limit)
+    try:
+        results = evaluate(
+            model, [t for t in tasks.split(",") if t.strip()], out, peft=peft, task_files=task_file,
+            data_dir=data_dir, limit=lim, batch_size=int(batch_size) if batch_size.isdigit() else batch_size,
+            device=device, dtype=dtype, seed=seed, gen_kwargs=gen_kwargs, chat_template=chat_template,
+            system_prompt=system_prompt, log_samples=log_samples, force=force, allow_pickle=allow_pickle,
+            verbose=verbose,
+        )
+    except MedmergeError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted:[/] nothing was written")
+        raise typer.Exit(130)
+    table = Table(title=f"{model}{' + ' + str(peft) if peft else ''}")
+    for col in ("task", "metric", "value", "stderr"):
+        table.add_column(col)
+    for task, row in results["tasks"].items():
+        for metric, value in row.items():
+            err = results["stderr"].get(task, {}).get(metric)
+            table.add_row(task, metric, "-" if value is None else f"{value:.4g}", "" if err is None else f"{err:.3g}")
+    for task, row in results["unavailable"].items():
+        for metric, reason in row.items():
+            table.add_row(task, metric, "[yellow]unavailable[/]", "")
+            console.print(f"[yellow]{task} {metric} unavailable:[/] {reason}")
+    Console().print(table)
+    console.print(f"wrote {out / 'results.json'} ({results['wall_time_s']:.1f}s)")
+
+
+@app.command("compare")
+def compare_cmd(
+    results: list[Path] = typer.Argument(..., help="results.json files or eval output folders"),
+    reference: list[str] = typer.Option([], "--reference", help="NAME=RESULTS for the parents: instruct=DIR and clinical=DIR"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for comparison.md, comparison.json and tradeoff.png"),
+    if_metric: str = typer.Option("mm_ifeval/mean", "--if-metric", help="instruction-following score: TASK/METRIC (mean: the task's metrics' mean)"),
+    clinical_metric: list[str] = typer.Option([], "--clinical-metric", help="clinical score part TASK/METRIC (repeatable; default: every task's composite or acc)"),
+    force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
+) -> None:
+    """Table of scores, deltas to each reference, instruction-following retention and clinical gain kept."""
+    from .evaluation.compare import compare, render_markdown
+
+    try:
+        refs = {}
+        for item in reference:
+            if "=" not in item:
+                raise MedmergeError(f"--reference {item!r}: use NAME=RESULTS, e.g. instruct=runs/eval/instruct")
+            name, path = item.split("=", 1)
+            refs[name.strip()] = Path(path)
+        report = compare(results, refs, out=out, if_metric=if_metric, clinical_metrics=clinical_metric, force=force)
+    except MedmergeError as e:
+        _fail(e)
+    typer.echo(render_markdown(report))
+    if out:
+        console.print(f"wrote {out}/comparison.md, comparison.json and tradeoff.png")
+
+
+@app.command("tasks")
+def tasks_cmd(
+    all_tasks: bool = typer.Option(False, "--all", help="also list lm-eval's built-in tasks (they read the hub)"),
+) -> None:
+    """List the shipped evaluation tasks and the data file each expects."""
+    from .evaluation.runner import group_members, shipped_tasks
+
+    for name, path in shipped_tasks().items():
+        members = group_members(name)
+        kind = f"group of {len(members)}" if members != [name] else ""
+        Console().print(f"[bold]{name}[/] {kind}  ({path.name})")
+    if all_tasks:
+        from lm_eval.tasks import TaskManager
+
+        Console().print(", ".join(TaskManager().all_tasks))
+
+
+@app.command("setup-nltk")
+def setup_nltk_cmd(
+    wordnet_dir: Optional[Path] = typer.Option(None, "--wordnet-dir", help="a folder with WordNet 3.0's dict files (data.noun, ...)"),
+) -> None:
+    """Install NLTK's punkt_tab (IFEval) and WordNet (METEOR) offline into the project's NLTK folder."""
+    from .evaluation import nltk_data
+
+    report = nltk_data.setup(wordnet_source=wordnet_dir)
+    console.print(f"NLTK data in {report['nltk_data']}: punkt_tab {'ok' if report['punkt_tab'] else 'MISSING'}")
+    if report["wordnet"]:
+        console.print("WordNet 3.0: ok")
+    else:
+        console.print(f"[yellow]WordNet unavailable:[/] {report['wordnet_reason']}")
+
+
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="where the demo writes its models"),

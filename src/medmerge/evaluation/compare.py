@@ -1,0 +1,256 @@
+"""`medmerge compare`: what each model kept or lost relative to its parents.
+
+Scores are put on one 0-100 scale (accuracies x 100; generation metrics are
+already 0-100). With I the instruction-following score and C the clinical
+score (definitions below), for a model m and references `instruct` and
+`clinical`:
+
+    delta_ref(metric)       = score_m(metric) - score_ref(metric)
+    IF retention (%)        = 100 * I(m) / I(instruct)
+    clinical gain kept (%)  = 100 * (C(m) - C(instruct)) / (C(clinical) - C(instruct))
+
+I defaults to the mean of mm_ifeval's four accuracies (`--if-metric TASK/METRIC`
+picks one metric, `TASK/mean` a task's mean). C defaults to the mean, over
+every task other than the instruction-following one that all inputs share, of
+that task's `composite` (generation) or `acc` (multiple choice);
+`--clinical-metric TASK/METRIC` (repeatable) chooses the parts. The gain kept is
+undefined when the clinical model does not differ from the instruct model on C.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..errors import InputError, MedmergeError
+from .runner import SCHEMA
+
+ACCURACY_LIKE = ("acc", "acc_norm", "exact_match")
+IF_DEFAULT = "mm_ifeval/mean"
+
+
+def load_results(path: str | Path) -> tuple[str, dict]:
+    """(label, results) from a results.json or an eval output folder; the label is the folder name."""
+    path = Path(path)
+    file = path / "results.json" if path.is_dir() else path
+    if not file.is_file():
+        raise InputError(f"{file} does not exist; pass a results.json or a folder written by `medmerge eval`")
+    try:
+        results = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{file}: not valid JSON ({e.msg} at line {e.lineno})")
+    if results.get("schema") != SCHEMA or "tasks" not in results:
+        raise InputError(f"{file} is not a medmerge results file (schema {SCHEMA}); write it with `medmerge eval`")
+    return file.parent.name, results
+
+
+def on_scale(metric: str, value: Optional[float]) -> Optional[float]:
+    """0-100 scale: accuracies (0-1) are multiplied by 100; generation metrics already are 0-100."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    base = metric.split(",")[0]
+    if base in ACCURACY_LIKE or base.endswith("_acc") or base.startswith(("prompt_level", "inst_level")):
+        return value * 100
+    return value
+
+
+def pick(results: dict, spec: str) -> Optional[float]:
+    """Score named TASK/METRIC (or TASK/mean) on the 0-100 scale; None if the results lack it."""
+    if "/" not in spec:
+        raise MedmergeError(f"metric {spec!r}: use TASK/METRIC, e.g. mm_ifeval/prompt_level_strict_acc")
+    task, metric = spec.split("/", 1)
+    row = results["tasks"].get(task)
+    if row is None:
+        return None
+    if metric == "mean":
+        values = [on_scale(m, v) for m, v in row.items() if not m.endswith("acc_norm")]
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+    return on_scale(metric, row.get(metric))
+
+
+def default_clinical_parts(all_results: Sequence[dict], if_task: str) -> list[str]:
+    shared = set.intersection(*(set(r["tasks"]) for r in all_results)) - {if_task}
+    parts = []
+    for task in sorted(shared):
+        rows = [r["tasks"][task] for r in all_results]
+        for metric in ("composite", "acc"):
+            if all(row.get(metric) is not None for row in rows):
+                parts.append(f"{task}/{metric}")
+                break
+    return parts
+
+
+def _mean(values: list[Optional[float]]) -> Optional[float]:
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)
+
+
+def compare(
+    results: Sequence[str | Path],
+    references: dict[str, str | Path],
+    *,
+    out: Optional[str | Path] = None,
+    if_metric: str = IF_DEFAULT,
+    clinical_metrics: Sequence[str] = (),
+    force: bool = False,
+) -> dict:
+    if out is not None:
+        from ..io.writer import check_output
+
+        check_output(Path(out).absolute(), force)
+    entries: list[tuple[str, str, dict]] = []  # (name, path, results)
+    seen: dict[str, str] = {}
+    for name, path in references.items():
+        _, res = load_results(path)
+        entries.append((name, str(path), res))
+        seen[str(Path(path).resolve())] = name
+    for path in results:
+        label, res = load_results(path)
+        if str(Path(path).resolve()) in seen:
+            continue
+        names = {e[0] for e in entries}
+        while label in names:
+            label += "'"
+        entries.append((label, str(path), res))
+    if not entries:
+        raise MedmergeError("nothing to compare: pass results.json files or eval folders")
+    all_res = [e[2] for e in entries]
+    if_task = if_metric.split("/", 1)[0]
+    parts = list(clinical_metrics) or default_clinical_parts(all_res, if_task)
+    notes = []
+    if not parts:
+        notes.append("no clinical task is shared by all inputs: the clinical score is undefined")
+
+    def summary(res: dict) -> dict:
+        return {"if_score": pick(res, if_metric), "clinical_score": _mean([pick(res, p) for p in parts]) if parts else None}
+
+    by_name = {name: res for name, _, res in entries}
+    ref_summary = {name: summary(by_name[name]) for name in references}
+    instruct, clinical = ref_summary.get("instruct"), ref_summary.get("clinical")
+    if instruct is None:
+        notes.append("no --reference instruct=...: instruction-following retention is undefined")
+    if clinical is None or instruct is None:
+        notes.append("needs --reference instruct=... and clinical=...: clinical gain kept is undefined")
+    rows = []
+    for name, path, res in entries:
+        s = summary(res)
+        row = {"name": name, "path": path, "reference": name in references, **s, "scores": res["tasks"],
+               "unavailable": res.get("unavailable", {}), "deltas": {}}
+        for ref in references:
+            ref_res = by_name[ref]
+            deltas = {}
+            for task, metrics_ in res["tasks"].items():
+                for metric, value in metrics_.items():
+                    other = ref_res["tasks"].get(task, {}).get(metric)
+                    if value is not None and other is not None:
+                        deltas[f"{task}/{metric}"] = value - other
+            for key in ("if_score", "clinical_score"):
+                a, b = s[key], ref_summary[ref][key]
+                deltas[key] = None if a is None or b is None else a - b
+            row["deltas"][ref] = deltas
+        row["if_retention_pct"] = (
+            100 * s["if_score"] / instruct["if_score"]
+            if instruct and s["if_score"] is not None and instruct["if_score"] else None
+        )
+        gain = None
+        if instruct and clinical and None not in (s["clinical_score"], instruct["clinical_score"], clinical["clinical_score"]):
+            span = clinical["clinical_score"] - instruct["clinical_score"]
+            if abs(span) > 1e-9:
+                gain = 100 * (s["clinical_score"] - instruct["clinical_score"]) / span
+        row["clinical_gain_kept_pct"] = gain
+        rows.append(row)
+    if instruct and clinical and clinical["clinical_score"] is not None and instruct["clinical_score"] is not None \
+            and abs(clinical["clinical_score"] - instruct["clinical_score"]) <= 1e-9:
+        notes.append("the clinical and instruct references score the same clinical score: gain kept is undefined")
+    report = {
+        "models": rows,
+        "references": {name: str(path) for name, path in references.items()},
+        "if_metric": if_metric,
+        "clinical_metrics": parts,
+        "scale": "0-100 (accuracies x 100)",
+        "formulas": {
+            "delta": "score(model) - score(reference), per task/metric and for the two summary scores",
+            "if_retention_pct": "100 * IF(model) / IF(instruct)",
+            "clinical_gain_kept_pct": "100 * (C(model) - C(instruct)) / (C(clinical) - C(instruct))",
+        },
+        "notes": notes,
+    }
+    if out is not None:
+        write_report(Path(out), report, force)
+    return report
+
+
+def _fmt(v: Optional[float], digits: int = 2) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def render_markdown(report: dict) -> str:
+    rows = report["models"]
+    metric_keys = sorted({f"{t}/{m}" for r in rows for t, ms in r["scores"].items() for m in ms})
+    lines = [
+        f"IF = {report['if_metric']}; clinical = mean of {', '.join(report['clinical_metrics']) or 'nothing'}; "
+        f"scale {report['scale']}.",
+        "",
+        "| model | IF | clinical | IF retention % | clinical gain kept % |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        name = f"**{r['name']}** (ref)" if r["reference"] else r["name"]
+        lines.append(f"| {name} | {_fmt(r['if_score'])} | {_fmt(r['clinical_score'])} | "
+                     f"{_fmt(r['if_retention_pct'], 1)} | {_fmt(r['clinical_gain_kept_pct'], 1)} |")
+    lines += ["", "| model | " + " | ".join(metric_keys) + " |", "|---" * (len(metric_keys) + 1) + "|"]
+    for r in rows:
+        cells = []
+        for key in metric_keys:
+            task, metric = key.split("/", 1)
+            value = r["scores"].get(task, {}).get(metric)
+            unavailable = metric in r["unavailable"].get(task, {})
+            cells.append("unavailable" if unavailable and value is None else _fmt(value, 4))
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    for ref in report["references"]:
+        lines += ["", f"Deltas to **{ref}**:", "",
+                  "| model | IF | clinical | " + " | ".join(metric_keys) + " |",
+                  "|---" * (len(metric_keys) + 3) + "|"]
+        for r in rows:
+            d = r["deltas"][ref]
+            lines.append(f"| {r['name']} | {_fmt(d['if_score'], 2)} | {_fmt(d['clinical_score'], 2)} | "
+                         + " | ".join(_fmt(d.get(k), 4) for k in metric_keys) + " |")
+    if report["notes"]:
+        lines += [""] + [f"note: {n}" for n in report["notes"]]
+    lines += ["", "Formulas: " + "; ".join(f"{k} = {v}" for k, v in report["formulas"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_tradeoff(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in report["models"]:
+        if r["if_score"] is None or r["clinical_score"] is None:
+            continue
+        marker, color = ("*", "tab:red") if r["reference"] else ("o", "tab:blue")
+        ax.scatter(r["if_score"], r["clinical_score"], marker=marker, s=140 if r["reference"] else 50, color=color)
+        ax.annotate(r["name"], (r["if_score"], r["clinical_score"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(f"instruction following ({report['if_metric']}, 0-100)")
+    ax.set_ylabel("clinical score (0-100)")
+    ax.set_title("Instruction following vs clinical skill")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out: Path, report: dict, force: bool) -> None:
+    from ..io.writer import atomic_output_dir
+
+    with atomic_output_dir(out, force=force) as tmp:
+        (tmp / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "comparison.md").write_text(render_markdown(report))
+        plot_tradeoff(report, tmp / "tradeoff.png")
