@@ -212,3 +212,33 @@ def test_existing_output_needs_force(models, tmp_path):
     result = _cli("eval", str(models["base"]), "--tasks", "mm_medqa", "--out", str(out), "--data-dir", str(tmp_path))
     assert result.exit_code == 2 and "--force" in result.output
     assert (out / "results.json").read_text() == "{}"
+
+
+def test_include_path_plugs_in_another_task_suite(models, tmp_path):
+    """How the synthetic clinical world's tasks plug in: a folder of lm-eval YAMLs with their hooks."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "world.py").write_text(
+        "import datasets\n"
+        "def docs(**kwargs):\n"
+        "    rows = [{'q': 'fever and cough ?', 'label': 0}, {'q': 'chest pain ?', 'label': 1}]\n"
+        "    return datasets.DatasetDict({'test': datasets.Dataset.from_list(rows)})\n"
+    )
+    (suite / "world_triage.yaml").write_text(
+        "task: world_triage\ncustom_dataset: !function world.docs\noutput_type: multiple_choice\n"
+        "test_split: test\ndoc_to_text: '{{q}} Answer:'\ndoc_to_choice: ['yes', 'no']\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    res = evaluate(models["base"], ["world_triage"], None, include_paths=[suite])
+    assert set(res["tasks"]["world_triage"]) == {"acc"}
+    assert res["config"]["include_paths"] == [str(suite)]
+
+
+@needs_shared
+def test_example_task_file_loads_the_shared_copy(monkeypatch):
+    from medmerge.evaluation.taskfile import load_task_file
+
+    monkeypatch.setenv("MEDMERGE_DATA", str(SHARED))
+    task = load_task_file(Path(__file__).resolve().parents[1] / "examples" / "clinical_generation_task.yaml")
+    docs = task.docs()
+    assert len(docs) == 100 and task.render(docs[0]).endswith("Note section:")

@@ -113,6 +113,7 @@ def eval_cmd(
     tasks: str = typer.Option("", "--tasks", help="comma-separated: mm_* tasks (`medmerge tasks`) or lm-eval built-ins"),
     out: Path = typer.Option(..., "--out", help="output folder for results.json (written atomically)"),
     task_file: list[Path] = typer.Option([], "--task-file", help="generic clinical-generation task SPEC.yaml (repeatable)"),
+    include_path: list[Path] = typer.Option([], "--include-path", help="extra folder of lm-eval task YAMLs (repeatable)"),
     peft: Optional[Path] = typer.Option(None, "--peft", help="PEFT adapter folder to apply to MODEL"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="MEDMERGE_DATA", help="folder with the task data (or MEDMERGE_DATA)"),
     limit: Optional[float] = typer.Option(None, "--limit", help="first N documents per task (or a fraction < 1)"),
@@ -137,6 +138,7 @@ def eval_cmd(
     try:
         results = evaluate(
             model, [t for t in tasks.split(",") if t.strip()], out, peft=peft, task_files=task_file,
+            include_paths=include_path,
             data_dir=data_dir, limit=lim, batch_size=int(batch_size) if batch_size.isdigit() else batch_size,
             device=device, dtype=dtype, seed=seed, gen_kwargs=gen_kwargs, chat_template=chat_template,
             system_prompt=system_prompt, log_samples=log_samples, force=force, allow_pickle=allow_pickle,
@@ -192,14 +194,25 @@ def compare_cmd(
 @app.command("tasks")
 def tasks_cmd(
     all_tasks: bool = typer.Option(False, "--all", help="also list lm-eval's built-in tasks (they read the hub)"),
+    include_path: list[Path] = typer.Option([], "--include-path", help="extra folder of lm-eval task YAMLs (repeatable)"),
 ) -> None:
-    """List the shipped evaluation tasks and the data file each expects."""
+    """List the shipped evaluation tasks (and those of --include-path folders)."""
     from .evaluation.runner import group_members, shipped_tasks
 
-    for name, path in shipped_tasks().items():
-        members = group_members(name)
+    from .evaluation.data import SOURCES
+
+    expects = {}
+    for src in SOURCES.values():
+        expects.setdefault(src.task, []).append(" or ".join(src.candidates))
+    table = Table(title="evaluation tasks (data paths relative to --data-dir / MEDMERGE_DATA)")
+    for col in ("task", "kind", "expects", "defined in"):
+        table.add_column(col)
+    for name, path in shipped_tasks(include_path).items():
+        members = group_members(name, include_path)
         kind = f"group of {len(members)}" if members != [name] else ""
-        Console().print(f"[bold]{name}[/] {kind}  ({path.name})")
+        want = expects.get(name) or (["mmlu/test/<subject>_test.csv"] if name.startswith("mm_mmlu_") else [])
+        table.add_row(name, kind, "; ".join(want), path.name)
+    Console().print(table)
     if all_tasks:
         from lm_eval.tasks import TaskManager
 

@@ -38,17 +38,30 @@ def _read_task_yaml(path: Path) -> dict:
     return yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
 
 
-def shipped_tasks() -> dict[str, Path]:
-    """Shipped task and group names -> their YAML file."""
+def shipped_tasks(include_paths: Sequence[str | Path] = ()) -> dict[str, Path]:
+    """Task and group names -> their YAML file: medmerge's mm_* tasks, then those of each include path.
+
+    An include path is a folder of lm-eval task YAMLs (with their `!function` hooks);
+    this is how other task suites, e.g. the synthetic clinical world's, plug in.
+    """
     found = {}
     for path in sorted(TASKS_DIR.glob("mm_*.yaml")):
         spec = _read_task_yaml(path)
         found[spec.get("group") or spec["task"]] = path
+    for folder in include_paths:
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            raise MedmergeError(f"--include-path {folder} is not a folder of lm-eval task YAML files")
+        for path in sorted(folder.rglob("*.yaml")):
+            spec = _read_task_yaml(path)
+            name = spec.get("group") or spec.get("task") if isinstance(spec, dict) else None
+            if isinstance(name, str):
+                found[name] = path
     return found
 
 
-def group_members(name: str) -> list[str]:
-    spec = _read_task_yaml(shipped_tasks()[name])
+def group_members(name: str, include_paths: Sequence[str | Path] = ()) -> list[str]:
+    spec = _read_task_yaml(shipped_tasks(include_paths)[name])
     return list(spec["task"]) if "group" in spec else [name]
 
 
@@ -165,9 +178,10 @@ class TaskPlan:
     task_files: dict[str, TaskFile] = field(default_factory=dict)
 
 
-def plan_tasks(tasks: Sequence[str], task_files: Sequence[str | Path], data_dir: Optional[Path]) -> TaskPlan:
-    """Resolve task names before a model is loaded: shipped, task files, or lm-eval built-ins."""
-    shipped = shipped_tasks()
+def plan_tasks(tasks: Sequence[str], task_files: Sequence[str | Path], data_dir: Optional[Path],
+               include_paths: Sequence[str | Path] = ()) -> TaskPlan:
+    """Resolve task names before a model is loaded: shipped, include paths, task files, or lm-eval built-ins."""
+    shipped = shipped_tasks(include_paths)
     plan = TaskPlan()
     for tf in task_files:
         task = load_task_file(tf)
@@ -183,7 +197,7 @@ def plan_tasks(tasks: Sequence[str], task_files: Sequence[str | Path], data_dir:
             plan.specs.append(plan.task_files[name].lm_eval_config())
         elif name in shipped:
             plan.specs.append(name)
-            for member in group_members(name):
+            for member in group_members(name, include_paths):
                 loader = data.LOADERS.get(member)
                 if loader is not None:
                     loader(data_dir)  # fail now, naming the file, rather than inside lm-eval
@@ -308,6 +322,7 @@ def evaluate(
     tokenizer: Any = None,
     peft: Optional[str | Path] = None,
     task_files: Sequence[str | Path] = (),
+    include_paths: Sequence[str | Path] = (),
     data_dir: Optional[str | Path] = None,
     limit: Optional[int | float] = None,
     batch_size: int | str = 1,
@@ -350,7 +365,7 @@ def evaluate(
         adapter_path = check_adapter(peft, model_path, allow_pickle)
     data_root = Path(data_dir).expanduser() if data_dir else (Path(os.environ["MEDMERGE_DATA"]) if os.environ.get("MEDMERGE_DATA") else None)
     nltk_data.activate()
-    plan = plan_tasks(tasks, task_files, data_root)
+    plan = plan_tasks(tasks, task_files, data_root, include_paths)
 
     if not verbose:
         for name in ("lm_eval", "lm-eval", "datasets", "transformers"):
@@ -371,7 +386,8 @@ def evaluate(
     apply_template = chat_template == "auto" and has_template
 
     metadata = {"data_dir": str(data_root) if data_root else None}
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=plan.needs_builtins, metadata=metadata)
+    manager = TaskManager(include_path=[str(TASKS_DIR), *map(str, include_paths)], include_defaults=plan.needs_builtins,
+                          metadata=metadata)
     try:
         raw = simple_evaluate(
             model=lm, tasks=plan.specs, task_manager=manager, limit=limit, gen_kwargs=gen or None,
@@ -409,6 +425,7 @@ def evaluate(
                        if c.get("output_type") == "generate_until"},
         "config": {
             "tasks": plan.names, "task_files": {n: str(t.source) for n, t in plan.task_files.items()},
+            "include_paths": [str(p) for p in include_paths],
             "data_dir": str(data_root) if data_root else None, "limit": limit, "batch_size": batch_size,
             "device": device, "dtype": dtype, "seed": seed, "gen_kwargs": gen or None,
             "chat_template": chat_template, "num_fewshot": {t: c.get("num_fewshot") for t, c in configs.items()},

@@ -3,7 +3,7 @@
 A task file (`--task-file SPEC.yaml`) looks like
 
     name: radiology_impression
-    data: reports.jsonl            # .csv, .tsv, .jsonl or .json; relative to this file
+    data: reports.jsonl            # .csv, .tsv, .jsonl or .json; relative to this file; $VARS expand
     input: findings                # column given to the prompt
     target: impression             # reference column
     prompt: "Findings: {input}\\nImpression:"
@@ -17,6 +17,7 @@ and becomes an lm-eval task config with the same metrics as mm_mts_dialog.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def load_task_file(path: str | Path) -> TaskFile:
     stop = spec.get("stop", ["\n\n"])
     if isinstance(stop, str):
         stop = [stop]
-    data_path = Path(str(spec["data"])).expanduser()
+    data_path = Path(os.path.expandvars(str(spec["data"]))).expanduser()
     if not data_path.is_absolute():
         data_path = path.parent / data_path
     if not data_path.is_file():
