@@ -388,6 +388,11 @@ def evaluate(
     metadata = {"data_dir": str(data_root) if data_root else None}
     manager = TaskManager(include_path=[str(TASKS_DIR), *map(str, include_paths)], include_defaults=plan.needs_builtins,
                           metadata=metadata)
+    import lm_eval.evaluator
+
+    # lm-eval shells out to `git describe` for *its caller's* repo and lets git print
+    # "fatal: not a git repository" outside one; medmerge records library versions instead.
+    git_hash, lm_eval.evaluator.get_git_commit_hash = lm_eval.evaluator.get_git_commit_hash, lambda: None
     try:
         raw = simple_evaluate(
             model=lm, tasks=plan.specs, task_manager=manager, limit=limit, gen_kwargs=gen or None,
@@ -404,6 +409,8 @@ def evaluate(
                 "offline: use the shipped mm_* tasks or a --task-file over your local copy"
             ) from e
         raise
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = git_hash
     wall = time.perf_counter() - started
     converted = convert_results(raw, plan)
     configs = raw.get("configs", {})
