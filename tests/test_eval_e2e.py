@@ -242,3 +242,12 @@ def test_example_task_file_loads_the_shared_copy(monkeypatch):
     task = load_task_file(Path(__file__).resolve().parents[1] / "examples" / "clinical_generation_task.yaml")
     docs = task.docs()
     assert len(docs) == 100 and task.render(docs[0]).endswith("Note section:")
+
+
+def test_builtin_lm_eval_task_is_accepted_and_fails_clearly_offline(models, tmp_path):
+    """Built-in task names pass planning; offline, a hub-backed data set gives an error that says why."""
+    from medmerge.errors import MedmergeError
+
+    with pytest.raises(MedmergeError, match=r"built-in task tried to load its data from the Hugging Face hub"):
+        evaluate(models["base"], ["pubmedqa"], tmp_path / "out", limit=2)
+    assert not (tmp_path / "out").exists()

@@ -176,13 +176,27 @@ class TaskPlan:
     specs: list[Any] = field(default_factory=list)  # what lm-eval loads: names and inline configs
     needs_builtins: bool = False
     task_files: dict[str, TaskFile] = field(default_factory=dict)
+    include_paths: list[str] = field(default_factory=list)
+    data_dir: Optional[Path] = None
+    _manager: Any = None
+
+    def task_manager(self):
+        """lm-eval's TaskManager over medmerge's tasks (+ include paths; + built-ins only when asked: indexing them takes ~15 s)."""
+        if self._manager is None:
+            from lm_eval.tasks import TaskManager
+
+            self._manager = TaskManager(
+                include_path=[str(TASKS_DIR), *self.include_paths], include_defaults=self.needs_builtins,
+                metadata={"data_dir": str(self.data_dir) if self.data_dir else None},
+            )
+        return self._manager
 
 
 def plan_tasks(tasks: Sequence[str], task_files: Sequence[str | Path], data_dir: Optional[Path],
                include_paths: Sequence[str | Path] = ()) -> TaskPlan:
     """Resolve task names before a model is loaded: shipped, include paths, task files, or lm-eval built-ins."""
     shipped = shipped_tasks(include_paths)
-    plan = TaskPlan()
+    plan = TaskPlan(include_paths=[str(p) for p in include_paths], data_dir=data_dir)
     for tf in task_files:
         task = load_task_file(tf)
         if task.name in shipped:
@@ -208,16 +222,14 @@ def plan_tasks(tasks: Sequence[str], task_files: Sequence[str | Path], data_dir:
             plan.specs.append(name)
         plan.names.append(name)
     if builtin:
-        from lm_eval.tasks import TaskManager
-
-        known = set(TaskManager(include_defaults=True).all_tasks)
+        plan.needs_builtins = True
+        known = set(plan.task_manager().all_tasks)
         unknown = [b for b in builtin if b not in known]
         if unknown:
             raise MedmergeError(
                 f"unknown task(s) {', '.join(unknown)}; shipped tasks: {', '.join(sorted(shipped))}; "
                 "or any lm-eval built-in task (`medmerge tasks --all`), or --task-file SPEC.yaml"
             )
-        plan.needs_builtins = True
     return plan
 
 
@@ -373,7 +385,6 @@ def evaluate(
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -385,9 +396,7 @@ def evaluate(
     has_template = getattr(lm.tokenizer, "chat_template", None) is not None
     apply_template = chat_template == "auto" and has_template
 
-    metadata = {"data_dir": str(data_root) if data_root else None}
-    manager = TaskManager(include_path=[str(TASKS_DIR), *map(str, include_paths)], include_defaults=plan.needs_builtins,
-                          metadata=metadata)
+    manager = plan.task_manager()
     import lm_eval.evaluator
 
     # lm-eval shells out to `git describe` for *its caller's* repo and lets git print
@@ -406,7 +415,8 @@ def evaluate(
         if plan.needs_builtins and ("offline" in str(e).lower() or "hub" in str(e).lower() or "connect" in str(e).lower()):
             raise MedmergeError(
                 f"an lm-eval built-in task tried to load its data from the Hugging Face hub ({e}); medmerge runs "
-                "offline: use the shipped mm_* tasks or a --task-file over your local copy"
+                "offline: use the shipped mm_* tasks, a --task-file over your local copy, or put the data set in "
+                "the local Hugging Face datasets cache first"
             ) from e
         raise
     finally:
