@@ -251,3 +251,19 @@ def test_builtin_lm_eval_task_is_accepted_and_fails_clearly_offline(models, tmp_
     with pytest.raises(MedmergeError, match=r"built-in task tried to load its data from the Hugging Face hub"):
         evaluate(models["base"], ["pubmedqa"], tmp_path / "out", limit=2)
     assert not (tmp_path / "out").exists()
+
+
+def test_loaded_model_in_memory_gives_the_same_scores_as_its_folder(models, tmp_path):
+    """Sweeps evaluate a model they merged in memory: same numbers as evaluating the saved folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (tmp_path / "d.jsonl").write_text("".join(
+        json.dumps({"text": t, "ref": r}) + "\n" for t, r in [("patient reports fever", "fever"), ("chest pain", "pain")]))
+    (tmp_path / "t.yaml").write_text("name: mini\ndata: d.jsonl\ninput: text\ntarget: ref\nprompt: '{input} :'\n"
+                                     "metrics: [rouge, bleu]\nmax_new_tokens: 5\n")
+    from_folder = evaluate(models["base"], [], None, task_files=[tmp_path / "t.yaml"])
+    model = AutoModelForCausalLM.from_pretrained(str(models["base"]), dtype=torch.float32)
+    loaded = evaluate(model, [], None, tokenizer=AutoTokenizer.from_pretrained(str(models["base"])),
+                      task_files=[tmp_path / "t.yaml"])
+    assert loaded["tasks"] == from_folder["tasks"]
+    assert loaded["model"]["path"] is None and loaded["model"]["sha256"] is None
