@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -48,8 +47,9 @@ import time
 from functools import partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "bench" / "_work"
+import _common  # bench/_common.py (the script's folder is on sys.path)
+
+ROOT, WORK = _common.ROOT, _common.WORK
 BIN = Path(sys.executable).parent
 TASKS_DIR = ROOT / "src" / "medmerge" / "evaluation" / "tasks"
 SEED = 1234
@@ -156,13 +156,7 @@ def build_model(hidden: int, layers: int, vocab: int, words: str, data_dir: Path
 
 
 def child_env(threads: int) -> dict:
-    env = dict(os.environ)
-    env.update({
-        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(WORK / "hf_home"), "TOKENIZERS_PARALLELISM": "false",
-        "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1",
-    })
+    env = _common.child_env(threads)
     env.pop("MEDMERGE_DATA", None)  # both tools get the data folder explicitly
     return env
 
@@ -362,23 +356,8 @@ def profile_medmerge(cmd: list[str], env: dict, log: Path) -> list[tuple[str, fl
 # ----------------------------------------------------------------------------- machine
 
 
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
 def machine_info() -> dict:
-    from importlib.metadata import version
-
-    cpuinfo, meminfo = Path("/proc/cpuinfo").read_text().splitlines(), Path("/proc/meminfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
-    mem = next((int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemTotal")), 0)
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_bytes": mem, "python": platform.python_version(),
-            **{pkg: version(pkg) for pkg in ("torch", "transformers", "lm_eval", "medmerge")},
-            "medmerge_commit": _git("rev-parse", "--short", "HEAD"),
-            "medmerge_src_dirty": bool(_git("status", "--porcelain", "--", "src"))}
+    return _common.machine_info(("torch", "transformers", "lm_eval", "medmerge"))
 
 
 def shell(cmd: list[str]) -> str:
@@ -459,8 +438,8 @@ def main() -> None:
                 shutil.rmtree(outs[tool], ignore_errors=True)
                 log = WORK / "eval_logs" / name / f"{tool}-{rep}.log"
                 r, steal = steal_pct(partial(run_timed, cmds[tool], env, log, args.timeout))
-                r.update(steal_pct=steal, repeat=rep, medmerge_commit=_git("rev-parse", "--short", "HEAD"),
-                         medmerge_src_dirty=bool(_git("status", "--porcelain", "--", "src")))
+                r.update(steal_pct=steal, repeat=rep, medmerge_commit=_common.git("rev-parse", "--short", "HEAD"),
+                         medmerge_src_dirty=bool(_common.git("status", "--porcelain", "--", "src")))
                 line = f"  repeat {rep} {tool}: rc={r['rc']} wall={r['wall_s']:.1f}s cpu={r['user_s'] + r['sys_s']:.1f}s"
                 if r["rc"] == 0:
                     m, se, extra = readers[tool](outs[tool])

@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -39,10 +38,11 @@ import threading
 import time
 from pathlib import Path
 
+import _common  # bench/_common.py (the script's folder is on sys.path)
+
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "bench" / "_work"
+ROOT, WORK = _common.ROOT, _common.WORK
 BIN = Path(sys.executable).parent
 MIB = 1024 * 1024
 GEN_VERSION = 1  # bump when the generated data changes, to invalidate the cache
@@ -266,15 +266,7 @@ def merge_config(method: str, paths: dict[str, Path]) -> dict:
 # ----------------------------------------------------------------------------- measurement
 
 
-def child_env(threads: int) -> dict:
-    env = dict(os.environ)
-    env.update({
-        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(WORK / "hf_home"), "TOKENIZERS_PARALLELISM": "false",
-        "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1",
-    })
-    return env
+child_env = _common.child_env
 
 
 def _proc_mem(pid: int) -> tuple[int, int, int]:
@@ -441,22 +433,9 @@ def compare_outputs(a: Path, b: Path, s: dict) -> dict:
 
 
 def machine_info() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    mem = next((int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
     import mergekit  # noqa: F401
-    from importlib.metadata import version
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_bytes": mem, "python": platform.python_version(),
-            "torch": torch.__version__, "mergekit": version("mergekit"), "medmerge": version("medmerge"),
-            "safetensors": version("safetensors"), "medmerge_commit": _git("rev-parse", "HEAD"),
-            "medmerge_tree_dirty": bool(_git("status", "--porcelain", "--", "src"))}
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
+    return _common.machine_info(("torch", "mergekit", "medmerge", "safetensors"))
 
 
 def fmt_gb(n) -> str:
@@ -537,7 +516,7 @@ def main() -> None:
         cfg_file = cfg_root / f"{method}.yml"
         cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
         ins = [paths[r] for r in METHOD_INPUTS[method]]
-        row = {"method": method, "config": str(cfg_file.relative_to(ROOT)), "medmerge_commit": _git("rev-parse", "HEAD"),
+        row = {"method": method, "config": str(cfg_file.relative_to(ROOT)), "medmerge_commit": _common.git("rev-parse", "HEAD"),
                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "io_floor": io_floor(ins, model_bytes(s), out_root / "floor.bin")}
         outs = {"mergekit": out_root / f"{method}-mergekit", "medmerge": out_root / f"{method}-medmerge"}

@@ -71,6 +71,8 @@ def medmcqa_prompt(doc: dict) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _ifeval_utils():
+    import nltk  # noqa: F401  (so that require_punkt puts our folder first on its path)
+
     nltk_data.require_punkt()  # before lm-eval's module would try to download punkt_tab
     from lm_eval.tasks.ifeval import utils
 

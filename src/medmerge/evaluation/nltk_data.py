@@ -55,15 +55,18 @@ def data_dir() -> Path:
 
 
 def activate() -> Path:
-    """Put the project's NLTK folder first on NLTK's search path (and NLTK_DATA for subprocesses)."""
-    import nltk
+    """Put the project's NLTK folder first on NLTK's search path (and NLTK_DATA for subprocesses).
 
+    NLTK reads NLTK_DATA when it is imported, so this does not import it (1.5 s)
+    for evaluations that never use it; an already imported NLTK gets the path too.
+    """
     root = str(data_dir())
-    if root not in nltk.data.path:
-        nltk.data.path.insert(0, root)
     paths = os.environ.get("NLTK_DATA", "").split(os.pathsep)
     if root not in paths:
         os.environ["NLTK_DATA"] = os.pathsep.join([root, *[p for p in paths if p]])
+    nltk = sys.modules.get("nltk")
+    if nltk is not None and root not in nltk.data.path:
+        nltk.data.path.insert(0, root)
     return Path(root)
 
 

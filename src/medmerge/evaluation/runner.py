@@ -263,10 +263,12 @@ def convert_results(raw: dict, plan: TaskPlan) -> dict[str, dict]:
 
 def unavailable_metrics(raw: dict, plan: TaskPlan) -> dict[str, dict[str, str]]:
     """Metrics a task declares but could not compute here, with the reason (METEOR without WordNet)."""
-    status = metrics.meteor_status()
     out: dict[str, dict[str, str]] = {}
     for task, cfg in raw.get("configs", {}).items():
         declared = [m.get("metric") for m in cfg.get("metric_list", []) or []]
+        if "meteor" not in declared:
+            continue
+        status = metrics.meteor_status()
         have = raw.get("results", {}).get(task, {})
         for m in ("meteor", "composite"):
             if m in declared and f"{m},none" not in have and not status.available:
@@ -421,7 +423,6 @@ def evaluate(
         raise
     finally:
         lm_eval.evaluator.get_git_commit_hash = git_hash
-    wall = time.perf_counter() - started
     converted = convert_results(raw, plan)
     configs = raw.get("configs", {})
     results = {
@@ -449,8 +450,10 @@ def evaluate(
         },
         "task_versions": _jsonable(raw.get("versions", {})),
         "versions": library_versions(),
-        "wall_time_s": round(wall, 3),
     }
+    # from the call up to writing: checks, model loading, evaluation, hashing (not the
+    # interpreter's start-up, imports made before the call, or writing the files)
+    results["wall_time_s"] = round(time.perf_counter() - started, 3)
     if out is not None:
         write_results(Path(out), results, raw.get("samples", {}) if log_samples else None, force)
     return results

@@ -1,0 +1,46 @@
+"""What the benchmark scripts share: child-process environment, git state, machine description."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "bench" / "_work"
+
+
+def child_env(threads: int) -> dict:
+    """Offline, CPU-only, `threads` BLAS/OpenMP threads, a private HF cache."""
+    env = dict(os.environ)
+    env.update({
+        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(WORK / "hf_home"), "TOKENIZERS_PARALLELISM": "false",
+        "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def machine_info(packages: tuple[str, ...]) -> dict:
+    cpuinfo, meminfo = Path("/proc/cpuinfo").read_text().splitlines(), Path("/proc/meminfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
+    mem = next((int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemTotal")), 0)
+    versions = {}
+    for pkg in packages:
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_bytes": mem, "python": platform.python_version(), **versions,
+            "medmerge_commit": git("rev-parse", "--short", "HEAD"),
+            "medmerge_src_dirty": bool(git("status", "--porcelain", "--", "src"))}
