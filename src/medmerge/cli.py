@@ -234,6 +234,31 @@ def setup_nltk_cmd(
         console.print(f"[yellow]WordNet unavailable:[/] {report['wordnet_reason']}")
 
 
+@app.command("train", context_settings={"allow_extra_args": False})
+def train_cmd(
+    config: Path = typer.Argument(..., help="training YAML (stage, model, data, lora, training, ...)"),
+    overrides: list[str] = typer.Argument(None, help="KEY=VALUE overrides, e.g. training.lr=1e-3 lora.r=8 k_shot=64"),
+    out: Path = typer.Option(..., "--out", help="output folder for the model or adapter (written atomically)"),
+    force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in OUT.medmerge-work/"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Train one stage: pt (continued pre-training) or sft (instruction tuning), full or LoRA."""
+    from .training.config import load_config
+    from .training.trainer import train
+
+    try:
+        cfg = load_config(config, overrides or [])
+        result = train(cfg, out, force=force, resume=resume, progress=not quiet)
+    except MedmergeError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted:[/] nothing was written; checkpoints are kept for --resume")
+        raise typer.Exit(130)
+    console.print(f"trained {result.steps} steps in {result.seconds:.1f}s (final loss {result.train_loss:.4f}, "
+                  f"{result.tokens_per_second:.0f} tokens/s) -> {out}")
+
+
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="where the demo writes its models"),

@@ -8,7 +8,6 @@ results file with plain metric names. Schema: docs/evaluation.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..errors import InputError, MedmergeError
+from ..io.fingerprint import file_sha256, model_files
 from . import data, hooks, metrics, nltk_data
 from .taskfile import TaskFile, load_task_file
 
@@ -93,21 +93,6 @@ def parse_gen_kwargs(text: Optional[str]) -> dict[str, Any]:
                     parsed = value
         out["max_gen_toks" if key == "max_new_tokens" else key] = parsed
     return out
-
-
-def file_sha256(paths: Sequence[Path]) -> str:
-    """sha256 over the files' names and contents (weights and config): changes whenever the model does."""
-    h = hashlib.sha256()
-    for path in sorted(paths):
-        h.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            h.update(hashlib.file_digest(f, "sha256").digest())
-    return h.hexdigest()
-
-
-def model_files(path: Path) -> list[Path]:
-    keep = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth") or p.name.endswith(".json")]
-    return [p for p in keep if p.is_file() and "tokenizer" not in p.name and "trainer_state" not in p.name]
 
 
 def check_model(model: str | Path, allow_pickle: bool = False) -> Path:

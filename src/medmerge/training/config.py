@@ -1,0 +1,159 @@
+"""`medmerge train` configuration: one YAML file plus `key=value` overrides (dotted keys)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    """Where the training data is and which columns mean what."""
+
+    path: Path
+    format: Literal["auto", "jsonl", "csv", "tsv", "json", "text"] = "auto"
+    text: str = "text"  # pt: the document column (text files: one document per line)
+    prompt: str = "prompt"  # sft: the instruction column
+    response: str = "response"  # sft: the answer column
+    messages: Optional[str] = None  # sft: a column of chat messages [{role, content}, ...] instead
+    system: Optional[str] = None  # sft: a system prompt for every example
+    label: Optional[str] = None  # a column to stratify the k-shot selection by
+    prompt_template: Optional[str] = None  # e.g. "Findings: {findings}\nImpression:" built from columns
+
+
+class LoraSettings(_Strict):
+    r: int = Field(16, ge=1)
+    alpha: float = 32
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    rslora: bool = False
+
+
+class TrainingSettings(_Strict):
+    max_steps: int = -1  # > 0 wins over epochs
+    epochs: float = 1.0
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(500, ge=1)
+    save_total_limit: int = 2
+    bf16: bool = False
+    threads: Optional[int] = None  # torch CPU threads; set it deliberately when jobs share cores
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class TrainConfig(_Strict):
+    stage: Literal["pt", "sft"]
+    model: Path  # the base model folder (never an adapter)
+    data: DataConfig
+    seed: int = 0
+    k_shot: Optional[int] = Field(None, ge=1)
+    lora: Optional[LoraSettings] = None
+    after_adapter: Optional[Path] = None  # a first-stage adapter: the new adapter is fresh, never a resumed one
+    merge_after_adapter: bool = False  # train the fresh adapter on base + after_adapter merged in
+    chat_template: Optional[str] = None  # None: the tokenizer's own (plain text if it has none); or a NAMED_TEMPLATES key
+    max_seq_length: int = Field(512, ge=8)
+    packing: bool = True  # pt: concatenate documents (EOS between) into max_seq_length blocks
+    training: TrainingSettings = TrainingSettings()
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, v):
+        if v is not None and v not in NAMED_TEMPLATES:
+            raise ValueError(f"unknown chat_template {v!r}; use one of {', '.join(NAMED_TEMPLATES)} or leave it unset")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.after_adapter is not None and self.lora is None:
+            raise ValueError("after_adapter needs a lora: section (the second stage trains a fresh adapter)")
+        if self.merge_after_adapter and self.after_adapter is None:
+            raise ValueError("merge_after_adapter needs after_adapter")
+        return self
+
+
+NAMED_TEMPLATES = {
+    "chatml": (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    ),
+    "plain": (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
+        "{% else %}{{ m['content'] }}\n{% endif %}{% endfor %}"
+    ),
+}
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`training.lr=1e-3 lora.r=8 k_shot=64` -> nested updates (values parsed as YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: use KEY=VALUE, e.g. training.lr=1e-3 or lora.r=8")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = node[part]
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), raw: Optional[dict] = None) -> TrainConfig:
+    """Read, override and validate; relative paths are taken from the config file's folder."""
+    base = Path(".")
+    if raw is None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"training config {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})")
+        base = path.parent
+    raw = apply_overrides(dict(raw), list(overrides))
+    try:
+        cfg = TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        where = f"{path}: " if path else ""
+        lines = [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(where + "invalid training config: " + "; ".join(lines))
+    for attr in ("model", "after_adapter"):
+        value = getattr(cfg, attr)
+        if value is not None and not value.is_absolute():
+            setattr(cfg, attr, (base / value).resolve())
+    if not cfg.data.path.is_absolute():
+        cfg.data.path = (base / cfg.data.path).resolve()
+    return cfg
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

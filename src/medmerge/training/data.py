@@ -1,0 +1,219 @@
+"""Training data: reading records, the k-shot selection, and tokenisation for pt (packed) and sft (masked)."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..evaluation.data import DataError, read_table, require_columns
+from .config import NAMED_TEMPLATES, DataConfig, TrainConfig
+
+IGNORE = -100
+
+
+def read_records(cfg: DataConfig) -> list[dict]:
+    path = cfg.path
+    if not path.is_file():
+        raise DataError(f"training data {path} does not exist")
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = {".txt": "text", ".text": "text", ".md": "text"}.get(path.suffix.lower(), "table")
+    if fmt == "text":
+        rows = [{cfg.text: line.rstrip("\n")} for line in open(path, encoding="utf-8") if line.strip()]
+        if not rows:
+            raise DataError(f"training data {path} holds no text (one document per non-empty line)")
+        return rows
+    return read_table(path)
+
+
+def check_columns(rows: list[dict], cfg: TrainConfig) -> None:
+    d = cfg.data
+    if cfg.stage == "pt":
+        needed = [d.text]
+    elif d.messages:
+        needed = [d.messages]
+    elif d.prompt_template:
+        needed = [d.response]
+    else:
+        needed = [d.prompt, d.response]
+    if d.label:
+        needed.append(d.label)
+    require_columns(rows, needed, d.path)
+    if d.prompt_template:
+        try:
+            d.prompt_template.format(**rows[0])
+        except KeyError as e:
+            raise DataError(f"{d.path}: prompt_template names column {e} which record 1 does not have "
+                            f"(columns found: {', '.join(sorted(rows[0]))})")
+
+
+def k_shot_order(rows: Sequence[dict], seed: int, label: Optional[str] = None) -> list[int]:
+    """A seeded order of all row indices whose every prefix is a k-shot selection.
+
+    Prefixes nest by construction (the 64 are the first 64 of the 256). With a
+    label column the order interleaves the labels in proportion to their
+    frequency, so every prefix is stratified: item i of a group of size n sits
+    at position (i + u) / n with u drawn per group from the seed.
+    """
+    rng = random.Random(seed)
+    if label is None:
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        return order
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        groups[str(row[label])].append(i)
+    keyed = []
+    for name in sorted(groups):
+        members = groups[name]
+        rng.shuffle(members)
+        offset = rng.random()
+        keyed += [((rank + offset) / len(members), rng.random(), idx) for rank, idx in enumerate(members)]
+    return [idx for _, _, idx in sorted(keyed)]
+
+
+def select_k(rows: list[dict], cfg: TrainConfig) -> tuple[list[dict], Optional[list[int]]]:
+    if cfg.k_shot is None:
+        return rows, None
+    if cfg.k_shot > len(rows):
+        raise DataError(f"k_shot={cfg.k_shot} but {cfg.data.path} has only {len(rows)} records; "
+                        "lower k_shot or give more data")
+    chosen = sorted(k_shot_order(rows, cfg.seed, cfg.data.label)[: cfg.k_shot])
+    return [rows[i] for i in chosen], chosen
+
+
+# --- tokenisation -----------------------------------------------------------------------------------
+
+
+def pack_documents(tokenizer, texts: Sequence[str], block: int) -> list[dict]:
+    """Concatenate documents with EOS between them and cut into `block`-token examples (the tail is dropped)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no eos_token; packing needs one to separate documents")
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+    n = len(stream) // block
+    if n == 0:
+        raise DataError(f"the data holds {len(stream)} tokens, fewer than one block of max_seq_length={block}; "
+                        "lower max_seq_length or give more text")
+    return [{"input_ids": stream[i * block:(i + 1) * block], "labels": stream[i * block:(i + 1) * block]}
+            for i in range(n)]
+
+
+def documents(tokenizer, texts: Sequence[str], block: int) -> list[dict]:
+    """Unpacked pt: one example per document (+ EOS), truncated to `block`."""
+    out = []
+    for text in texts:
+        ids = (tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:block]
+        out.append({"input_ids": ids, "labels": list(ids)})
+    return out
+
+
+def conversations(rows: Sequence[dict], cfg: TrainConfig) -> list[list[dict]]:
+    d = cfg.data
+    out = []
+    for i, row in enumerate(rows):
+        if d.messages:
+            msgs = row[d.messages]
+            if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+                raise DataError(f"{d.path}, record {i + 1}: {d.messages!r} must be a list of {{role, content}} messages")
+            if not any(m["role"] == "assistant" for m in msgs):
+                raise DataError(f"{d.path}, record {i + 1}: no assistant message to learn from")
+        else:
+            prompt = d.prompt_template.format(**row) if d.prompt_template else str(row[d.prompt])
+            msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(row[d.response])}]
+        if d.system:
+            msgs = [{"role": "system", "content": d.system}, *msgs]
+        out.append(msgs)
+    return out
+
+
+def template_for(tokenizer, cfg: TrainConfig) -> str:
+    if cfg.chat_template:
+        return NAMED_TEMPLATES[cfg.chat_template]
+    return tokenizer.chat_template or NAMED_TEMPLATES["plain"]
+
+
+def render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def sft_example(tokenizer, template: str, messages: list[dict], block: int) -> dict:
+    """Token ids with labels only on assistant turns: each turn is the difference of two renderings.
+
+    Special tokens come only from the template (tokenised with add_special_tokens=False),
+    so a template that starts with {{ bos_token }} gets exactly one BOS.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    done_text = ""
+    for j, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        before = render(tokenizer, template, messages[:j], add_generation_prompt=True)
+        after = render(tokenizer, template, messages[: j + 1], add_generation_prompt=False)
+        if not before.startswith(done_text) or not after.startswith(before):
+            raise DataError("the chat template does not render conversations as growing prefixes; "
+                            "choose another chat_template (chatml, llama3, plain)")
+        context = tokenizer(before[len(done_text):], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(after[len(before):], add_special_tokens=False)["input_ids"]
+        ids += context + answer
+        labels += [IGNORE] * len(context) + answer
+        done_text = after
+    return {"input_ids": ids[:block], "labels": labels[:block]}
+
+
+def build_examples(tokenizer, rows: list[dict], cfg: TrainConfig) -> tuple[list[dict], dict]:
+    """Examples for the Trainer plus statistics (tokens, trained tokens, truncated examples)."""
+    block = cfg.max_seq_length
+    if cfg.stage == "pt":
+        texts = [str(r[cfg.data.text]) for r in rows]
+        examples = pack_documents(tokenizer, texts, block) if cfg.packing else documents(tokenizer, texts, block)
+        truncated = 0
+    else:
+        template = template_for(tokenizer, cfg)
+        examples, truncated = [], 0
+        for msgs in conversations(rows, cfg):
+            ex = sft_example(tokenizer, template, msgs, block + 1)
+            if len(ex["input_ids"]) > block:
+                truncated += 1
+                ex = {"input_ids": ex["input_ids"][:block], "labels": ex["labels"][:block]}
+            examples.append(ex)
+    trained = sum(sum(1 for t in ex["labels"] if t != IGNORE) for ex in examples)
+    if trained == 0:
+        raise DataError(f"{cfg.data.path}: no token to train on after masking and truncation "
+                        f"(max_seq_length={block}); raise max_seq_length")
+    stats = {"examples": len(examples), "tokens": sum(len(ex["input_ids"]) for ex in examples),
+             "trained_tokens": trained, "truncated": truncated}
+    return examples, stats
+
+
+class PadCollator:
+    """Right-pads a batch; padding is masked out of attention and loss."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[dict]) -> dict:
+        import torch
+
+        n = max(len(ex["input_ids"]) for ex in batch)
+        ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, ex in enumerate(batch):
+            k = len(ex["input_ids"])
+            ids[i, :k] = torch.tensor(ex["input_ids"])
+            labels[i, :k] = torch.tensor(ex["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def data_path_sha256(path: Path) -> str:
+    from ..io.fingerprint import file_sha256
+
+    return file_sha256([path])
