@@ -47,6 +47,10 @@ def test_layout_and_report(small):
     assert (c["eval"]["if"], c["eval"]["mcq"], c["eval"]["gen"]) == (40, 40, 30)
     assert c["general"]["tokens"] > 10 * SMALL.general_docs and c["clinical"]["tokens"] > 10 * SMALL.clinical_docs
     assert json.loads((data / "world.json").read_text())["counts"] == c
+    tok = world.load_tokenizer(data)
+    for key, texts in (("general", _lines(data / "corpora" / "general.txt")),
+                       ("clinical", _lines(data / "corpora" / "clinical.txt"))):
+        assert c[key]["tokens"] == sum(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
     for row in world.read_jsonl(data / "tasks" / "gen_train.jsonl"):
         assert set(row) >= {"prompt", "findings", "impression"}
 

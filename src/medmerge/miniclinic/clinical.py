@@ -24,6 +24,10 @@ def listing(items, commas: bool) -> str:
     return " and ".join(items)
 
 
+def article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
 def cap(s: str) -> str:
     return s[0].upper() + s[1:]
 
@@ -66,9 +70,9 @@ def fact_sentences(c: Condition, rng: random.Random, commas: bool = True) -> dic
                  f"Patients with {n} receive {d}.", f"{D} is used to treat {n}.", f"{D} is a drug for {n}."],
         "test": [f"The diagnosis of {n} is confirmed with the {t}.", f"The {t} is used to confirm {n}.",
                  f"Doctors use the {t} to diagnose {n}.", f"A positive {t} confirms {n}."],
-        "findings": [f"A {c.scan} in {n} may show {f}.",
+        "findings": [f"{cap(article(c.scan))} in {n} may show {f}.",
                      f"In {n}, the {c.scan} often shows {f}." if commas else f"In {n} the {c.scan} often shows {f}.",
-                     f"{cap(f)} on a {c.scan} is typical of {n}."],
+                     f"{cap(f)} on {article(c.scan)} is typical of {n}."],
         "drug_facts": [f"Common side effects of {d} are {e}.",
                        f"{D} is taken {c.schedule}." if rng.random() < 0.6 else
                        f"The usual schedule for {d} is {c.schedule}.",
@@ -143,7 +147,7 @@ def discharge_summary(c: Condition, rng: random.Random) -> str:
         "Discharge summary.",
         f"The patient was admitted with {sym[0]} and {sym[1]}.",
         f"The main symptom was {sym[0]}.",
-        f"A {c.scan} showed {rng.choice(c.findings)}.",
+        f"{cap(article(c.scan))} showed {rng.choice(c.findings)}.",
         f"The {c.test} confirmed {c.name}.",
         rng.choice((f"The patient was treated with {c.drug} and improved over {days} days.",
                     f"The patient was given {c.drug} and improved over {days} days.")),

@@ -20,7 +20,7 @@ MCQ_TEMPLATES = {
     "organ": "The disease {n} mainly affects the",
     "symptom": "A typical symptom of {n} is",
     "drug_condition": "The drug {d} is given to patients with",
-    "finding_condition": "A {scan} that shows {f} suggests",
+    "finding_condition": "{A_scan} that shows {f} suggests",
 }
 
 
@@ -42,7 +42,7 @@ def mcq_candidates(kb: KnowledgeBase, rng: random.Random) -> dict[str, list[dict
     out: dict[str, list[dict]] = {t: [] for t in MCQ_TEMPLATES}
     for c in conds:
         others = [o for o in conds if o.name != c.name]
-        fill = dict(n=c.name, d=c.drug, scan=c.scan)
+        fill = dict(n=c.name, d=c.drug, scan=c.scan, A_scan=clinical.cap(clinical.article(c.scan)))
         about, about_drug, about_scan = (CONTEXTS["condition"].format(**fill), CONTEXTS["drug"].format(d=c.drug),
                                          CONTEXTS["scan"].format(**fill))
         out["drug"].append(_mcq(rng, MCQ_TEMPLATES["drug"].format(**fill), c.drug, [o.drug for o in others],

@@ -87,8 +87,7 @@ def _condition(c: Condition):
         out = [rng.choice(v) for v in facts.values()]
         for relation in rng.sample(sorted(facts), 2):  # a second phrasing of two facts
             out.append(rng.choice([s for s in facts[relation] if s not in out]))
-        rng.shuffle(out)
-        return out
+        return _name_inside_first(out, c.name, rng)
     return sentences
 
 
@@ -96,9 +95,21 @@ def _drug(c: Condition):
     def sentences(rng: random.Random, commas: bool) -> list[str]:
         facts = clinical.fact_sentences(c, rng, commas)
         out = [rng.choice(facts["drug"]), *facts["drug_facts"]]
-        rng.shuffle(out)
-        return out
+        return _name_inside_first(out, c.drug, rng)
     return sentences
+
+
+def _name_inside_first(sentences: list[str], name: str, rng: random.Random) -> list[str]:
+    """Shuffled, but opening with a sentence that has the made-up name inside, as in the prompt.
+
+    The prompt holds the name after a space (one token, `Ġname`); a first sentence that
+    starts with the capitalised name would need another token (`Name`), which a tiny
+    model has rarely seen, so the on-topic answer is easier to learn this way.
+    """
+    rng.shuffle(sentences)
+    inside = [s for s in sentences if f" {name}" in s]
+    first = rng.choice(inside) if inside else sentences[0]
+    return [first, *(s for s in sentences if s is not first)]
 
 
 @dataclass

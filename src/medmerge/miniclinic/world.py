@@ -178,8 +178,7 @@ def generate(out: str | Path, spec: WorldSpec = PRESETS["quick"]) -> dict:
         raise RuntimeError(f"evaluation text has pieces outside the vocabulary: {unknown[:10]}")
     tokenizer_s = time.perf_counter() - t0
 
-    def n_tokens(texts: list[str]) -> int:
-        return sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+    n_tokens = tokmod.count_tokens  # == encoded length: no piece of the training text is <unk>
 
     counts = {
         "knowledge": {"conditions": len(kb.conditions), "symptoms": len(knowledge.SYMPTOMS),
