@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -186,3 +187,10 @@ def test_bad_input_is_refused_before_training(world, tmp_path):
         train(load_config(_config(world, "e7", lora={**lora, "target_modules": ["qkv"]})), tmp_path / "e7")
     for name in ("e1", "e2", "e3", "e5", "e6", "e7"):
         assert not (tmp_path / name).exists()
+
+
+def test_lora_runs_are_reproducible_from_the_seed(world, tmp_path):
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    runs = [load_file(str(train(load_config(_config(world, f"rep{i}", lora=lora)), tmp_path / f"rep{i}",
+                                progress=False).out / "adapter_model.safetensors")) for i in range(2)]
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])

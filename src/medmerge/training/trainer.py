@@ -179,6 +179,9 @@ def train(cfg: TrainConfig, out: str | Path, *, force: bool = False, resume: boo
             shutil.rmtree(work)
         resume_from = None
     work.mkdir(parents=True, exist_ok=True)
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # before the adapter is created: its random A init comes from the recorded seed
     model = _load_model(cfg, device)
     t = cfg.training
     args = TrainingArguments(
