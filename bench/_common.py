@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -44,3 +46,30 @@ def machine_info(packages: tuple[str, ...]) -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "mem_bytes": mem, "python": platform.python_version(), **versions,
             "medmerge_commit": git("rev-parse", "--short", "HEAD"),
             "medmerge_src_dirty": bool(git("status", "--porcelain", "--", "src"))}
+
+
+def run_timed(cmd: list[str], env: dict, log: Path, timeout: float) -> dict:
+    """Run a child process with its output in `log`; wall time and its own CPU time (from wait4)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as fh:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(WORK))
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except KeyboardInterrupt:
+            proc.kill()
+            raise
+        wall = time.perf_counter() - t0
+    rc = os.waitstatus_to_exitcode(status)
+    if wall > timeout:
+        print(f"    warning: took {wall:.0f}s, more than --timeout {timeout:.0f}s", flush=True)
+    return {"rc": rc, "wall_s": round(wall, 3), "user_s": round(usage.ru_utime, 2),
+            "sys_s": round(usage.ru_stime, 2), "log": str(log.relative_to(ROOT))}
+
+
+def shell(cmd: list[str]) -> str:
+    return " ".join(shlex.quote(c) for c in cmd)
+
+
+def fmt(v, digits: int = 1) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "-"

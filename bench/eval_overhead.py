@@ -50,6 +50,7 @@ from pathlib import Path
 import _common  # bench/_common.py (the script's folder is on sys.path)
 
 ROOT, WORK = _common.ROOT, _common.WORK
+run_timed, shell, fmt = _common.run_timed, _common.shell, _common.fmt
 BIN = Path(sys.executable).parent
 TASKS_DIR = ROOT / "src" / "medmerge" / "evaluation" / "tasks"
 SEED = 1234
@@ -208,24 +209,6 @@ with open(os.path.join(out, "results_api.json"), "w") as f:
 """.replace("SEED", str(SEED))
 
 
-def run_timed(cmd: list[str], env: dict, log: Path, timeout: float) -> dict:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as fh:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(WORK))
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        except KeyboardInterrupt:
-            proc.kill()
-            raise
-        wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if wall > timeout:
-        print(f"    warning: took {wall:.0f}s, more than --timeout {timeout:.0f}s", flush=True)
-    return {"rc": proc.returncode, "wall_s": round(wall, 3), "user_s": round(usage.ru_utime, 2),
-            "sys_s": round(usage.ru_stime, 2), "log": str(log.relative_to(ROOT))}
-
-
 def steal_pct(fn) -> tuple[object, float | None]:
     """Run fn(); CPU steal as % of all CPU time meanwhile (from /proc/stat)."""
 
@@ -358,19 +341,6 @@ def profile_medmerge(cmd: list[str], env: dict, log: Path) -> list[tuple[str, fl
 
 def machine_info() -> dict:
     return _common.machine_info(("torch", "transformers", "lm_eval", "medmerge"))
-
-
-def shell(cmd: list[str]) -> str:
-    import shlex
-
-    return " ".join(shlex.quote(c) for c in cmd)
-
-
-# ----------------------------------------------------------------------------- main
-
-
-def fmt(v, digits: int = 1) -> str:
-    return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "-"
 
 
 def main() -> None:

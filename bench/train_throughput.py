@@ -66,6 +66,7 @@ from pathlib import Path
 import _common  # bench/_common.py (the script's folder is on sys.path)
 
 ROOT, WORK = _common.ROOT, _common.WORK
+run_timed, shell, fmt = _common.run_timed, _common.shell, _common.fmt
 BIN = Path(sys.executable).parent
 HERE = Path(__file__).resolve()
 MODEL_VERSION = 1  # bump when the model recipe changes, to invalidate the cache
@@ -262,24 +263,6 @@ def commands(model: Path, data: Path, a, mode: str, steps: int, outs: dict[str, 
             "trl": trl}
 
 
-def run_timed(cmd: list[str], env: dict, log: Path, timeout: float) -> dict:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as fh:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(WORK))
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        except KeyboardInterrupt:
-            proc.kill()
-            raise
-        wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if wall > timeout:
-        print(f"    warning: took {wall:.0f}s, more than --timeout {timeout:.0f}s", flush=True)
-    return {"rc": proc.returncode, "wall_s": round(wall, 3), "user_s": round(usage.ru_utime, 2),
-            "sys_s": round(usage.ru_stime, 2), "log": str(log.relative_to(ROOT))}
-
-
 def _cpu_jiffies() -> tuple[int, int, int] | None:
     """(busy, steal, total) jiffies of all CPUs from /proc/stat; busy excludes idle, iowait and steal."""
     try:
@@ -468,16 +451,6 @@ def time_presets(env: dict, presets: list[str], repeats: int, timeout: float, us
 
 def machine_info() -> dict:
     return _common.machine_info(("torch", "transformers", "trl", "peft", "accelerate", "datasets", "medmerge"))
-
-
-def shell(cmd: list[str]) -> str:
-    import shlex
-
-    return " ".join(shlex.quote(c) for c in cmd)
-
-
-def fmt(v, digits: int = 1) -> str:
-    return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "-"
 
 
 def rel(cmd: list[str]) -> str:

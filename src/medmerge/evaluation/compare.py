@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import InputError, MedmergeError
+from .data import read_json
 from .runner import SCHEMA
 
 ACCURACY_LIKE = ("acc", "acc_norm", "exact_match")
@@ -37,10 +38,7 @@ def load_results(path: str | Path) -> tuple[str, dict]:
     file = path / "results.json" if path.is_dir() else path
     if not file.is_file():
         raise InputError(f"{file} does not exist; pass a results.json or a folder written by `medmerge eval`")
-    try:
-        results = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{file}: not valid JSON ({e.msg} at line {e.lineno})")
+    results = read_json(file, dict, "a medmerge results file (a JSON object)")
     if results.get("schema") != SCHEMA or "tasks" not in results:
         raise InputError(f"{file} is not a medmerge results file (schema {SCHEMA}); write it with `medmerge eval`")
     return file.parent.name, results

@@ -108,18 +108,14 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def read_csv(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def read_json_object(path: Path) -> dict:
+def read_json(path: Path, expect: type, what: str):
+    """A whole JSON file that must hold a `expect` (dict or list); errors name the file and the line."""
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})")
-    if not isinstance(obj, dict):
-        raise DataError(f"{path}: expected a JSON object keyed by id")
+    if not isinstance(obj, expect):
+        raise DataError(f"{path}: expected {what}")
     return obj
 
 
@@ -129,12 +125,7 @@ def read_table(path: Path) -> list[dict]:
     if suffix in (".jsonl", ".ndjson"):
         rows = read_jsonl(path)
     elif suffix == ".json":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})")
-        if not isinstance(rows, list):
-            raise DataError(f"{path}: expected a JSON list of records")
+        rows = read_json(path, list, "a JSON list of records")
     elif suffix in (".csv", ".tsv"):
         with open(path, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
@@ -182,9 +173,7 @@ MTS_SECTIONS = {
 
 def load_mts_dialog(data_dir=None, file: Optional[str] = None) -> list[dict]:
     path = locate("mts_dialog", data_dir, file)
-    rows = read_csv(path)
-    if not rows:
-        raise DataError(f"{path} holds no records")
+    rows = read_table(path)
     require_columns(rows, ("ID", "section_header", "section_text", "dialogue"), path)
     for row in rows:
         row["section_name"] = MTS_SECTIONS.get(row["section_header"].upper(), row["section_header"].lower())
@@ -202,7 +191,7 @@ def load_pubmedqa(data_dir=None, file: Optional[str] = None) -> list[dict]:
     """PQA-L's official 500 test questions, in the order of test_ground_truth.json."""
     path = locate("pubmedqa", data_dir, file)
     ids_path = locate("pubmedqa_test_ids", data_dir)
-    items, truth = read_json_object(path), read_json_object(ids_path)
+    items, truth = (read_json(p, dict, "a JSON object keyed by id") for p in (path, ids_path))
     docs = []
     for pmid, label in truth.items():
         if pmid not in items:

@@ -92,23 +92,26 @@ def agg_inst_level_acc(items):
 
 def generation_results(doc: dict, results: Sequence[str], *, target: str,
                        groups: Sequence[str] = metrics.DEFAULT_METRICS) -> dict:
-    """Per-sample ROUGE and METEOR; BLEU and the composite are corpus-level, so their items are pairs.
+    """Per-sample ROUGE and METEOR; BLEU and the composite are corpus-level, so their items carry the pair.
 
+    The composite's item also carries this sample's ROUGE and METEOR, so the
+    aggregation averages them instead of scoring every sample a second time.
     METEOR (and so the composite) is left out when WordNet is missing: lm-eval then
     reports no value, and medmerge's results.json says why.
     """
     prediction, reference = results[0].strip(), str(doc[target]).strip()
     groups = tuple(groups)
-    out: dict = {}
+    parts: dict = {}
     if "rouge" in groups:
-        out.update(metrics.rouge(prediction, reference))
-    if "bleu" in groups:
-        out["bleu"] = (prediction, reference)
+        parts.update(metrics.rouge(prediction, reference))
     meteor_ok = "meteor" not in groups or metrics.meteor_status().available
     if "meteor" in groups and meteor_ok:
-        out["meteor"] = metrics.meteor(prediction, reference)
+        parts["meteor"] = metrics.meteor(prediction, reference)
+    out: dict = dict(parts)
+    if "bleu" in groups:
+        out["bleu"] = (prediction, reference)
     if meteor_ok:
-        out["composite"] = (prediction, reference, groups)
+        out["composite"] = (prediction, reference, "bleu" in groups, parts)
     return out
 
 
@@ -122,23 +125,21 @@ def agg_bleu(items) -> float:
 
 
 def agg_composite(items) -> float:
-    predictions, references, groups = zip(*items)
-    return metrics.corpus_scores(predictions, references, groups[0])["composite"]
+    """Mean of the task's corpus scores: per-sample means of ROUGE/METEOR, corpus BLEU."""
+    predictions, references, with_bleu, parts = zip(*items)
+    scores = {k: metrics.mean([p[k] for p in parts]) for k in parts[0]}
+    if with_bleu[0]:
+        scores["bleu"] = metrics.corpus_bleu(predictions, references)
+    return metrics.composite(scores)
 
 
 def sample_value(name: str, value):
     """A corpus-level item as a per-sample number for sample logs (sentence BLEU, per-sample composite)."""
     if name == "bleu" and isinstance(value, (tuple, list)) and len(value) == 2:
         return metrics.sentence_bleu(*value)
-    if name == "composite" and isinstance(value, (tuple, list)) and len(value) == 3:
-        prediction, reference, groups = value
-        parts = {}
-        names = metrics.expand(groups)
-        if "rouge1" in names:
-            parts.update(metrics.rouge(prediction, reference))
-        if "bleu" in names:
-            parts["bleu"] = metrics.sentence_bleu(prediction, reference)
-        if "meteor" in names:
-            parts["meteor"] = metrics.meteor(prediction, reference)
+    if name == "composite" and isinstance(value, (tuple, list)) and len(value) == 4:
+        prediction, reference, with_bleu, parts = value
+        if with_bleu:
+            parts = {**parts, "bleu": metrics.sentence_bleu(prediction, reference)}
         return metrics.composite(parts)
     return value
