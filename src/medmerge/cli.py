@@ -68,14 +68,36 @@ def verify_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON here"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="inputs are pickle checkpoints you trust"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    base: Optional[str] = typer.Option(None, "--base", help="adapter merges: the base model the export should hold"),
+    adapter: Optional[list[str]] = typer.Option(None, "--adapter", help="adapter merges: PATH:WEIGHT of each "
+                                                "adapter the export should hold (repeat); for exports of any tool"),
+    method: Optional[str] = typer.Option(None, "--method", help="adapter merges: the intended method (default exact)"),
+    density: Optional[float] = typer.Option(None, "--density", help="adapter merges: density of the intended method"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="adapter merges: seed of the intended method"),
 ) -> None:
-    """Recompute FOLDER's tensors from its recorded inputs and config; exit 1 on any mismatch."""
+    """Recompute FOLDER from its inputs; exit 1 on any mismatch.
+
+    A `medmerge merge` output is recomputed from its medmerge.yml. An adapter
+    merge (written by `medmerge adapters merge`, or by any tool when --base and
+    --adapter say what it should be) is checked module by module against
+    W0 + sum w_i dW_i, and an export that equals the base or one adapter alone is
+    named as such.
+    """
+    from .adapters.merge import RECORD_KEY, parse_adapter_arg
+    from .adapters.verify import verify_adapter_merge
     from .verify import verify
 
     if sample is not None and not 0 < sample <= 1:
         _fail(MedmergeError("--sample is a fraction in (0, 1]"))
     try:
-        report = verify(folder, sample=sample, allow_pickle=allow_pickle, progress=not quiet)
+        record_file = folder / "medmerge.yml"
+        is_adapter_merge = bool(adapter) or (record_file.is_file() and RECORD_KEY in record_file.read_text())
+        if is_adapter_merge:
+            adapters = [parse_adapter_arg(a) for a in adapter] if adapter else None
+            report = verify_adapter_merge(folder, base=base, adapters=adapters, method=method, density=density,
+                                          seed=seed, allow_pickle=allow_pickle, progress=not quiet)
+        else:
+            report = verify(folder, sample=sample, allow_pickle=allow_pickle, progress=not quiet)
     except MedmergeError as e:
         _fail(e)
     if json_out:
@@ -86,7 +108,7 @@ def verify_cmd(
     for c in sorted(report.checked, key=lambda c: -c.max_abs)[:10]:
         table.add_row(c.name, f"{c.max_abs:.3g}", f"{c.max_rel:.3g}", "yes" if c.ok else "[red]NO[/]")
     Console().print(table)
-    for p in report.problems:
+    for p in report.problems + list(getattr(report, "pitfalls", [])):
         console.print(f"[red]problem:[/] {p}")
     for n in report.notes:
         console.print(f"note: {n}")
@@ -303,3 +325,59 @@ def demo_cmd(
 
 if __name__ == "__main__":
     app()
+
+
+adapters_app = typer.Typer(no_args_is_help=True, help="LoRA adapters: exact weighted merges.")
+app.add_typer(adapters_app, name="adapters")
+
+
+@adapters_app.command("merge")
+def adapters_merge_cmd(
+    base: str = typer.Option(..., "--base", help="the base model folder the adapters were trained on"),
+    adapter: list[str] = typer.Option(..., "--adapter", help="PATH:WEIGHT of a PEFT LoRA adapter (repeat); "
+                                      "negative weights subtract"),
+    out: Path = typer.Option(..., "--out", help="output folder (written atomically)"),
+    method: str = typer.Option("exact", "--method", help="exact, cat, svd, ties, dare_linear, dare_ties, "
+                               "magnitude_prune (all act on dW_i = s_i B_i A_i)"),
+    as_: str = typer.Option("full", "--as", help="full: merged model weights; adapter: a PEFT adapter"),
+    rank: Optional[int] = typer.Option(None, "--rank", help="rank of an SVD adapter export (default: sum of ranks)"),
+    density: Optional[float] = typer.Option(None, "--density", help="fraction of each dW_i kept (ties, dare_*, "
+                                            "magnitude_prune)"),
+    seed: int = typer.Option(0, "--seed", help="seed of DARE's random drops (recorded)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="output dtype of a full export (default: the base's)"),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="largest output shard, e.g. 5GB"),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="a module missing from an adapter counts "
+                                       "as dW = 0"),
+    no_base_check: bool = typer.Option(False, "--no-base-check", help="skip the same-base check (fingerprint, "
+                                       "else base config)"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="read pickle adapters/bases you trust"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="check every module of the output before it is "
+                                "moved into place"),
+    force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Merge LoRA adapters exactly: W = W0 + sum_i w_i dW_i, as full weights or as an adapter."""
+    from .adapters.merge import merge_adapters, parse_adapter_arg
+
+    try:
+        record = merge_adapters(
+            base, [parse_adapter_arg(a) for a in adapter], out, method=method, as_=as_, density=density, rank=rank,
+            seed=seed, dtype=dtype, shard_size=shard_size, allow_missing=allow_missing, allow_pickle=allow_pickle,
+            check_base=not no_base_check, verify=verify, force=force, progress=not quiet)
+    except MedmergeError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted:[/] nothing was written")
+        raise typer.Exit(130)
+    info = record["adapter_merge"]
+    stats = record.get("stats", {})
+    parts = ", ".join(f"{a['weight']:g} x {a['path']}" for a in info["adapters"])
+    console.print(f"merged {stats.get('modules', 0)} modules ({info['method']}, as {info['as']}) of {parts} into {out}")
+    if "svd_relative_residual" in stats:
+        console.print(f"SVD rank {info['rank']}: relative residual {stats['svd_relative_residual']:.3g} "
+                      "(per module in medmerge.yml)")
+    if "verified" in record:
+        v = record["verified"]
+        console.print(f"verified {v['modules_checked']} modules: largest abs error {v['max_abs_error']:.3g}")
+    for note in record.get("notes", []):
+        console.print(f"note: {note}")

@@ -108,3 +108,30 @@ def write_yaml(path: Path, config: dict) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def make_lora_adapter(
+    path,
+    base: Path,
+    *,
+    seed: int = 0,
+    r: int = 4,
+    alpha: float = 8,
+    target_modules: Sequence[str] = ("q_proj", "v_proj", "down_proj"),
+    scale: float = 0.05,
+    **lora_kwargs,
+) -> Path:
+    """Save a PEFT LoRA adapter for `base` with random A and B (PEFT would start B at zero)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0, **lora_kwargs)
+    peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    peft_model.save_pretrained(str(path), safe_serialization=True)
+    return Path(path)
