@@ -381,3 +381,104 @@ def adapters_merge_cmd(
         console.print(f"verified {v['modules_checked']} modules: largest abs error {v['max_abs_error']:.3g}")
     for note in record.get("notes", []):
         console.print(f"note: {note}")
+
+
+pipeline_app = typer.Typer(no_args_is_help=True, help="Multi-step recipes.")
+app.add_typer(pipeline_app, name="pipeline")
+
+
+@pipeline_app.command("two-stage-lora")
+def two_stage_lora_cmd(
+    config: Path = typer.Argument(..., help="recipe YAML (see examples/two_stage_lora.yaml)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="KEY=VALUE overrides, e.g. merge.w_pt=[0,0.5]"),
+    out: Path = typer.Option(..., "--out", help="run folder; an interrupted run continues where it stopped"),
+    force: bool = typer.Option(False, "--force", help="start over in OUT"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """PT LoRA, a fresh SFT LoRA, exact weighted merges of the two, evaluation of each, and a table."""
+    from .pipelines.two_stage_lora import run
+
+    try:
+        results = run(config, out, overrides=overrides or [], force=force, progress=not quiet)
+    except MedmergeError as e:
+        _fail(e)
+    Console().print((out / "results.md").read_text())
+    console.print(f"results: {out / 'results.json'}; wall time {results['wall_time_s']} s")
+
+
+analyze_app = typer.Typer(no_args_is_help=True, help="Decoding sensitivity, reasoning leakage, loss curves.")
+app.add_typer(analyze_app, name="analyze")
+
+
+@analyze_app.command("decoding")
+def analyze_decoding_cmd(
+    model: Path = typer.Argument(..., help="a local model folder"),
+    tasks: str = typer.Option(..., "--tasks", help="comma-separated task names"),
+    out: Path = typer.Option(..., "--out", help="output folder"),
+    setting: Optional[list[str]] = typer.Option(None, "--setting", help="greedy, or t=0.6,p=0.8 / rp=1.2 (repeat); "
+                                                "default: greedy, t=0.6,p=0.8, t=0.7,p=0.9, rp=1.2"),
+    include_path: Optional[list[Path]] = typer.Option(None, "--include-path", help="extra task folder (repeat)"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="data folder of the tasks"),
+    limit: Optional[float] = typer.Option(None, "--limit", help="samples per task"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    device: str = typer.Option("auto", "--device"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
+    seed: int = typer.Option(1234, "--seed", help="seed of the sampled settings (recorded)"),
+    pattern: str = typer.Option(r"<think>.*?</think>", "--reasoning-pattern", help="regex of a reasoning span"),
+    force: bool = typer.Option(False, "--force"),
+) -> None:
+    """Evaluate MODEL under a grid of decoding settings: a table and a plot per metric, and reasoning leakage."""
+    from .analysis import decoding_grid, decoding_table
+
+    settings = setting or ["greedy", "t=0.6,p=0.8", "t=0.7,p=0.9", "rp=1.2"]
+    try:
+        report = decoding_grid(model, settings, [t.strip() for t in tasks.split(",") if t.strip()], out,
+                               max_new_tokens=max_new_tokens, reasoning_pattern=pattern, force=force,
+                               include_paths=include_path or [], data_dir=data_dir, limit=limit,
+                               batch_size=batch_size, device=device, seed=seed)
+    except MedmergeError as e:
+        _fail(e)
+    Console().print(decoding_table(report))
+    console.print(f"wrote {out / 'decoding.json'}, decoding.md, decoding.png")
+
+
+@analyze_app.command("leakage")
+def analyze_leakage_cmd(
+    runs: list[str] = typer.Argument(..., help="eval folders written with --log-samples, as DIR or LABEL=DIR"),
+    pattern: str = typer.Option(r"<think>.*?</think>", "--reasoning-pattern", help="regex of a reasoning span"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the counts here"),
+) -> None:
+    """Share of generated outputs that contain a reasoning span, per run and task."""
+    from .analysis import reasoning_leakage
+
+    labelled = dict(r.split("=", 1) if "=" in r else (Path(r).name, r) for r in runs)
+    try:
+        report = reasoning_leakage(labelled, pattern)
+    except MedmergeError as e:
+        _fail(e)
+    table = Table(title=f"reasoning leakage ({pattern})")
+    for col in ("run", "outputs", "with a reasoning span", "rate"):
+        table.add_column(col)
+    for label, r in report.items():
+        table.add_row(label, str(r["outputs"]), str(r["matches"]), f"{r['rate']:.3f}")
+    Console().print(table)
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+@analyze_app.command("loss")
+def analyze_loss_cmd(
+    runs: list[str] = typer.Argument(..., help="training output folders or train_log.jsonl files, as PATH or "
+                                     "LABEL=PATH"),
+    out: Path = typer.Option(..., "--out", help="PNG to write"),
+    title: str = typer.Option("training loss", "--title"),
+) -> None:
+    """One plot with the training (and eval) loss of several `medmerge train` runs."""
+    from .analysis import loss_curves
+
+    labelled = dict(r.split("=", 1) if "=" in r else (Path(r).name, r) for r in runs)
+    try:
+        loss_curves(labelled, out, title)
+    except MedmergeError as e:
+        _fail(e)
+    console.print(f"wrote {out}")

@@ -1,0 +1,294 @@
+"""`medmerge pipeline two-stage-lora CONFIG`: PT LoRA, a fresh SFT LoRA, weighted merges, evaluation.
+
+1. (optional) build the miniclinic world (cached) and expose it as `${world}`;
+2. stage 1, `pt`: a LoRA adapter trained by continued pre-training on domain text;
+3. stage 2, `sft`: a *fresh* LoRA adapter trained on instruction data on top of
+   the frozen base (never a resumed stage-1 adapter);
+4. for each w_PT in the grid, the exact merge W0 + w_PT dW_PT + (1 - w_PT) dW_SFT
+   written by `medmerge adapters merge` (streamed, verified) and evaluated;
+5. `results.json`, `results.md` (the table), `loss_curves.png` (both stages),
+   reasoning-trace leakage per model, and optionally a decoding-sensitivity grid
+   on one merge.
+
+Every step writes into OUT/; a step whose output exists is reused on a re-run
+(so an interrupted pipeline continues), unless --force.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import ConfigError, InputError
+from ..training.config import DataConfig, LoraSettings, TrainingSettings
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WorldSettings(_Strict):
+    preset: str = "quick"
+    seed: int = 0
+    dir: Optional[Path] = None  # an already built world (`medmerge miniclinic build`) instead of OUT/world
+
+
+class StageSettings(_Strict):
+    data: DataConfig
+    training: TrainingSettings = TrainingSettings()
+    k_shot: Optional[int] = Field(None, ge=1)
+    chat_template: Optional[str] = None
+    max_seq_length: int = Field(512, ge=8)
+
+
+class MergeSettings(_Strict):
+    w_pt: list[float] = [0.0, 0.1, 0.3, 0.5]  # w_SFT = 1 - w_PT
+    method: str = "exact"
+    density: Optional[float] = None
+    keep: bool = True  # keep the merged checkpoints (else deleted after evaluation)
+
+
+class EvalSettings(_Strict):
+    tasks: list[str]
+    include_paths: list[Path] = []
+    task_files: list[Path] = []
+    data_dir: Optional[Path] = None
+    limit: Optional[float] = None
+    batch_size: int = 8
+    device: str = "auto"
+    max_new_tokens: Optional[int] = None
+    chat_template: str = "auto"
+    references: bool = True  # also evaluate the base and the PT adapter alone (w_PT = 1)
+
+
+class DecodingSettings(_Strict):
+    w_pt: float  # the merge to analyse
+    settings: list[Any] = ["greedy", "t=0.6,p=0.8", "t=0.7,p=0.9", "rp=1.2"]
+
+
+class TwoStageConfig(_Strict):
+    base: Path
+    world: Optional[WorldSettings] = None
+    seed: int = 0
+    lora: LoraSettings = LoraSettings()
+    pt: StageSettings
+    sft: StageSettings
+    merge: MergeSettings = MergeSettings()
+    eval: EvalSettings
+    decoding: Optional[DecodingSettings] = None
+    reasoning_pattern: str = r"<think>.*?</think>"
+
+
+_VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
+def _expand(value, variables: dict[str, str]):
+    if isinstance(value, str):
+        def sub(m):
+            key = m.group(1) or m.group(2)
+            if key in variables:
+                return variables[key]
+            if key in os.environ:
+                return os.environ[key]
+            raise ConfigError(f"${{{key}}} is not set: export it, or use ${{world}} with a world: section")
+        return _VAR.sub(sub, value)
+    if isinstance(value, list):
+        return [_expand(v, variables) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand(v, variables) for k, v in value.items()}
+    return value
+
+
+def load(path: str | Path, out: Path, overrides: list[str] = ()) -> tuple[TwoStageConfig, dict]:
+    """Read CONFIG, build the world if asked (into OUT/world), expand ${world} and $VARS, validate."""
+    from ..training.config import apply_overrides
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pipeline config {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    raw = apply_overrides(raw, list(overrides))
+    variables = {}
+    world_info = None
+    if raw.get("world"):
+        try:
+            ws = WorldSettings(**raw["world"])
+        except ValidationError as e:
+            raise ConfigError(f"{path}: world: {e}") from None
+        from ..miniclinic.build import build
+        from ..miniclinic.world import TASKS_DIR
+
+        if ws.dir is not None:
+            world_dir = ws.dir if ws.dir.is_absolute() else (path.parent / ws.dir).resolve()
+            if not (world_dir / "summary.json").is_file():
+                raise ConfigError(f"world.dir {world_dir} is not a built world (no summary.json); build it with "
+                                  "`medmerge miniclinic build`, or drop world.dir to build one into OUT/world")
+        else:
+            world_dir = out / "world"
+            if not (world_dir / "summary.json").is_file():
+                build(world_dir, preset=ws.preset, seed=ws.seed, force=True, progress=True)
+        variables = {"world": str(world_dir), "world_tasks": str(TASKS_DIR)}
+        summary = json.loads((world_dir / "summary.json").read_text())
+        world_info = {"dir": str(world_dir), "preset": summary.get("preset"), "seed": summary.get("seed"),
+                      "code_version": summary.get("code_version")}
+    raw = _expand(raw, variables)
+    root = path.parent
+
+    def rel(p):
+        return p if p is None or Path(p).is_absolute() else str((root / p).resolve())
+
+    raw["base"] = rel(raw.get("base"))
+    for stage in ("pt", "sft"):
+        if isinstance(raw.get(stage), dict) and isinstance(raw[stage].get("data"), dict):
+            raw[stage]["data"]["path"] = rel(raw[stage]["data"].get("path"))
+    ev = raw.get("eval") or {}
+    for key in ("include_paths", "task_files"):
+        ev[key] = [rel(p) for p in ev.get(key) or []]
+    if ev.get("data_dir"):
+        ev["data_dir"] = rel(ev["data_dir"])
+    try:
+        cfg = TwoStageConfig(**raw)
+    except ValidationError as e:
+        lines = [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(f"{path}: " + "; ".join(lines)) from None
+    if not cfg.merge.w_pt:
+        raise ConfigError(f"{path}: merge.w_pt is empty")
+    return cfg, {"world": world_info, "config_file": str(path.absolute())}
+
+
+def _train_stage(cfg: TwoStageConfig, kind: str, stage: StageSettings, out: Path, progress: bool) -> dict:
+    from ..training.config import TrainConfig
+    from ..training.trainer import train
+
+    target = out / f"{kind}_adapter"
+    record_file = target / "medmerge_train.json"
+    if record_file.is_file():
+        return {"adapter": str(target), "reused": True, **json.loads(record_file.read_text()).get("result", {})}
+    tc = TrainConfig(stage=kind, model=cfg.base, data=stage.data, seed=cfg.seed, k_shot=stage.k_shot, lora=cfg.lora,
+                     chat_template=stage.chat_template, max_seq_length=stage.max_seq_length, training=stage.training)
+    res = train(tc, target, force=True, progress=progress)
+    return {"adapter": str(target), "steps": res.steps, "train_loss": res.train_loss,
+            "seconds": round(res.seconds, 1), "tokens_per_s": res.tokens_per_second}
+
+
+def _label(w_pt: float) -> str:
+    return f"w_pt={w_pt:g}"
+
+
+def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force: bool = False,
+        progress: bool = True) -> dict:
+    """Run the recipe into OUT; return the results (also OUT/results.json)."""
+    from ..adapters.merge import merge_adapters
+    from ..analysis import decoding_grid, flat_metrics, loss_curves, reasoning_leakage
+    from ..evaluation.runner import evaluate
+    from ..io.writer import check_output
+
+    out = Path(out).absolute()
+    if force:
+        check_output(out, True)
+    elif (out / "results.json").is_file():
+        raise InputError(f"{out} holds a finished run (results.json); pass --force to run it again")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    cfg, info = load(config, out, overrides)
+    (out / "pipeline_config.yml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    if force:
+        for stale in ("results.json", "results.md"):
+            (out / stale).unlink(missing_ok=True)
+
+    stages = {"pt": _train_stage(cfg, "pt", cfg.pt, out, progress),
+              "sft": _train_stage(cfg, "sft", cfg.sft, out, progress)}
+    pt, sft = Path(stages["pt"]["adapter"]), Path(stages["sft"]["adapter"])
+    loss_curves({"stage 1: PT (DAPT) LoRA": pt, "stage 2: SFT LoRA (fresh adapter)": sft}, out / "loss_curves.png",
+                title="two-stage LoRA: training loss")
+
+    ev = cfg.eval
+    eval_kwargs = dict(include_paths=ev.include_paths, task_files=ev.task_files, data_dir=ev.data_dir,
+                       limit=ev.limit, batch_size=ev.batch_size, device=ev.device, chat_template=ev.chat_template,
+                       seed=cfg.seed)
+    gen = {"max_new_tokens": ev.max_new_tokens} if ev.max_new_tokens else None
+
+    models: list[dict] = []
+    if ev.references:
+        models.append({"label": "base", "w_pt": None, "w_sft": None, "path": str(cfg.base)})
+    grid = list(cfg.merge.w_pt)
+    if ev.references and 1.0 not in grid:
+        grid.append(1.0)
+    for w in grid:
+        label = _label(w)
+        folder = out / "merges" / label
+        if not (folder / "medmerge.yml").is_file():
+            merge_adapters(cfg.base, [(pt, w), (sft, 1.0 - w)], folder, method=cfg.merge.method,
+                           density=cfg.merge.density, seed=cfg.seed, force=True, progress=progress)
+        verified = yaml.safe_load((folder / "medmerge.yml").read_text()).get("verified", {})
+        models.append({"label": label, "w_pt": w, "w_sft": 1.0 - w, "path": str(folder), "verified": verified})
+
+    for m in models:
+        folder = out / "eval" / m["label"]
+        if not (folder / "results.json").is_file():
+            evaluate(m["path"], ev.tasks, folder, gen_kwargs=gen, log_samples=True, force=True, **eval_kwargs)
+        res = json.loads((folder / "results.json").read_text())
+        m["metrics"] = flat_metrics(res)
+        m["eval"] = str(folder)
+    leakage = reasoning_leakage({m["label"]: m["eval"] for m in models}, cfg.reasoning_pattern)
+    for m in models:
+        m["reasoning_leakage"] = leakage[m["label"]]
+        if not cfg.merge.keep and m["w_pt"] is not None:
+            import shutil
+
+            shutil.rmtree(m["path"], ignore_errors=True)
+
+    decoding = None
+    if cfg.decoding is not None:
+        target = out / "merges" / _label(cfg.decoding.w_pt)
+        if not target.is_dir():
+            raise ConfigError(f"decoding.w_pt {cfg.decoding.w_pt} is not in merge.w_pt {cfg.merge.w_pt} (or "
+                              "merge.keep is false)")
+        decoding = decoding_grid(target, cfg.decoding.settings, ev.tasks, out / "decoding",
+                                 max_new_tokens=ev.max_new_tokens, reasoning_pattern=cfg.reasoning_pattern,
+                                 force=True, **eval_kwargs)
+
+    results = {
+        "schema": "medmerge.two_stage_lora/1", "base": str(cfg.base), "world": info["world"],
+        "config_file": info["config_file"], "stages": stages, "method": cfg.merge.method, "models": models,
+        "reasoning_pattern": cfg.reasoning_pattern, "decoding": decoding,
+        "wall_time_s": round(time.perf_counter() - started, 1),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(render(results) + "\n")
+    return results
+
+
+def render(results: dict) -> str:
+    """The table: one row per model, one column per task metric, plus leakage and verification."""
+    keys = sorted({k for m in results["models"] for k in m["metrics"] if not k.endswith("_stderr")})
+    head = ["model", "w_PT", "w_SFT", *keys, "reasoning leakage", "verified"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in results["models"]:
+        w = ("-", "-") if m["w_pt"] is None else (f"{m['w_pt']:g}", f"{m['w_sft']:g}")
+        v = m.get("verified") or {}
+        ver = "-" if not v else ("yes" if v.get("ok") else "NO") + f" (max abs {v.get('max_abs_error', 0):.2g})"
+        lines.append("| " + " | ".join([m["label"], *w, *(f"{m['metrics'].get(k, float('nan')):.3f}" for k in keys),
+                                         f"{m['reasoning_leakage']['rate']:.3f}", ver]) + " |")
+    out = ["# Two-stage LoRA: weighted merges of a PT and an SFT adapter", "",
+           f"Base: `{results['base']}`; merge: W0 + w_PT dW_PT + w_SFT dW_SFT ({results['method']}).", "",
+           *lines, ""]
+    for name, st in results["stages"].items():
+        loss = st.get("train_loss", float("nan"))
+        out.append(f"- stage {name}: {st.get('steps', '?')} steps, final train loss {loss:.3f}, {st.get('seconds', '?')} s")
+    out.append(f"- wall time {results['wall_time_s']} s; loss curves: loss_curves.png")
+    if results.get("decoding"):
+        from ..analysis import decoding_table
+
+        out += ["", "## Decoding sensitivity", "", decoding_table(results["decoding"])]
+    return "\n".join(out)
