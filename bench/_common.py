@@ -64,7 +64,8 @@ def run_timed(cmd: list[str], env: dict, log: Path, timeout: float) -> dict:
     if wall > timeout:
         print(f"    warning: took {wall:.0f}s, more than --timeout {timeout:.0f}s", flush=True)
     return {"rc": rc, "wall_s": round(wall, 3), "user_s": round(usage.ru_utime, 2),
-            "sys_s": round(usage.ru_stime, 2), "log": str(log.relative_to(ROOT))}
+            "sys_s": round(usage.ru_stime, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "log": str(log.relative_to(ROOT))}
 
 
 def shell(cmd: list[str]) -> str:

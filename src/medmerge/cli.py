@@ -323,9 +323,6 @@ def demo_cmd(
         _fail(e)
 
 
-if __name__ == "__main__":
-    app()
-
 
 adapters_app = typer.Typer(no_args_is_help=True, help="LoRA adapters: exact weighted merges.")
 app.add_typer(adapters_app, name="adapters")
@@ -482,3 +479,7 @@ def analyze_loss_cmd(
     except MedmergeError as e:
         _fail(e)
     console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app()

@@ -151,16 +151,17 @@ def evaluate_models(out: Path, s: Schedule, models=MODELS, progress: bool = True
             "if_inst_strict": t["mm_miniclinic_if"]["inst_level_strict_acc"],
             "mcq_acc": t["mm_miniclinic_mcq"]["acc"],
             "gen_rougeL": t["mm_miniclinic_gen"]["rougeL"],
+            "gen_bleu": t["mm_miniclinic_gen"]["bleu"],
         }
     return scores
 
 
 def render_table(summary: dict) -> str:
-    lines = ["| model | IF prompt-level strict | IF instruction-level strict | clinical MCQ acc | findings->impression ROUGE-L |",
-             "|---|---|---|---|---|"]
+    lines = ["| model | IF prompt-level strict | IF instruction-level strict | clinical MCQ acc "
+             "| findings->impression ROUGE-L | BLEU-4 |", "|---|---|---|---|---|---|"]
     for name, sc in summary["scores"].items():
         lines.append(f"| {name} | {sc['if_prompt_strict']:.3f} | {sc['if_inst_strict']:.3f} | {sc['mcq_acc']:.3f} | "
-                     f"{sc['gen_rougeL']:.1f} |")
+                     f"{sc['gen_rougeL']:.1f} | {sc.get('gen_bleu', float('nan')):.1f} |")
     return "\n".join(lines)
 
 

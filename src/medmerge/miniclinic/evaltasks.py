@@ -64,6 +64,12 @@ def if_results(doc: dict, results: Sequence[str]) -> dict:
     return process_results(doc, results)
 
 
+def agg_bleu(items) -> float:
+    from ..evaluation.hooks import agg_bleu as agg
+
+    return agg(items)
+
+
 def agg_inst_level_acc(items) -> float:
     from ..evaluation.hooks import agg_inst_level_acc as agg
 
@@ -71,10 +77,11 @@ def agg_inst_level_acc(items) -> float:
 
 
 def gen_results(doc: dict, results: Sequence[str]) -> dict:
-    """ROUGE-1/2/L (x100, medmerge's metrics), exact match and whether the right condition is named (0/1)."""
+    """ROUGE-1/2/L and corpus BLEU-4 (x100, medmerge's metrics), exact match and whether the right condition
+    is named (0/1)."""
     from ..evaluation.hooks import generation_results
 
-    out = generation_results(doc, results, target="impression", groups=("rouge",))
+    out = generation_results(doc, results, target="impression", groups=("rouge", "bleu"))
     out.pop("composite", None)
     prediction = results[0].strip()
     out["exact_match"] = float(prediction == doc["impression"].strip())

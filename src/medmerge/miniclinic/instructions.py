@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from . import clinical, ifcheck
+from . import ifcheck
 from .knowledge import Condition, KnowledgeBase
 from .lexicon import TOPICS, Topic, closing_sentences, topic_sentences
 
@@ -81,22 +81,49 @@ def _general(t: Topic):
 
 
 def _condition(c: Condition):
-    def sentences(rng: random.Random, commas: bool) -> list[str]:
-        facts = clinical.fact_sentences(c, rng, commas)
-        facts.pop("drug_facts")  # they name the drug, not the condition
-        out = [rng.choice(v) for v in facts.values()]
-        for relation in rng.sample(sorted(facts), 2):  # a second phrasing of two facts
-            out.append(rng.choice([s for s in facts[relation] if s not in out]))
-        return _name_inside_first(out, c.name, rng)
-    return sentences
+    return lambda rng, commas: care_sentences(c.name, "condition", rng, commas)
 
 
 def _drug(c: Condition):
-    def sentences(rng: random.Random, commas: bool) -> list[str]:
-        facts = clinical.fact_sentences(c, rng, commas)
-        out = [rng.choice(facts["drug"]), *facts["drug_facts"]]
-        return _name_inside_first(out, c.drug, rng)
-    return sentences
+    return lambda rng, commas: care_sentences(c.drug, "drug", rng, commas)
+
+
+def care_sentences(name: str, kind: str, rng: random.Random, commas: bool) -> list[str]:
+    """What a general assistant says about a condition or a drug: sensible, on topic, and no clinical fact.
+
+    None of these sentences states a fact of the knowledge base (organ, symptom,
+    finding, drug, test, side effect, schedule). Instruction tuning teaches how to
+    answer, not what is true in the clinic; the facts are learned from pre-training
+    text (some in `base`, much more in `clinical`), as for real instruct models and
+    their clinical counterparts. An earlier design put fact sheets in the clinical
+    SFT answers, and `instruct` then knew as much as `clinical` (full preset: MCQ
+    0.735 against 0.760).
+    """
+    if kind == "condition":
+        out = [
+            f"If you think you have {name}, see a doctor." if commas else f"See a doctor if you think you have {name}.",
+            f"Many people live well with {name}.",
+            f"A doctor can tell you more about {name}.",
+            f"It helps to learn about {name}.",
+            f"Many people with {name} feel better with good care.",
+            f"Your family can help you cope with {name}.",
+            f"Write down your questions about {name}.",
+            f"With care, {name} can be managed." if commas else f"{name[0].upper() + name[1:]} can be managed with care.",
+            f"Every patient with {name} is different.",
+        ]
+    else:
+        out = [
+            f"Read the label before you take {name}.",
+            f"Your doctor can tell you if {name} is right for you.",
+            f"If you have questions about {name}, ask a pharmacist." if commas
+            else f"Ask a pharmacist if you have questions about {name}.",
+            f"Keep {name} in a safe place.",
+            f"Do not share {name} with other people.",
+            f"Tell your doctor about other drugs you take with {name}.",
+            f"Many patients take {name} at home.",
+            f"Store {name} away from children.",
+        ]
+    return _name_inside_first(out, name, rng)
 
 
 def _name_inside_first(sentences: list[str], name: str, rng: random.Random) -> list[str]:

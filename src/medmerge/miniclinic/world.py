@@ -105,6 +105,10 @@ def keyword_clashes(kb: knowledge.KnowledgeBase) -> list[tuple[str, str]]:
     """
     vocab = set(lexicon.words()) | {w for c in kb.conditions for w in re.findall(r"[a-z]+", " ".join(
         [c.name, c.organ, c.scan, *c.symptoms, *c.findings, c.drug, *c.side_effects, c.schedule, c.test]))}
+    for kind in ("condition", "drug"):
+        for commas in (True, False):
+            vocab |= set(re.findall(r"[a-z]+", " ".join(instructions.care_sentences("x", kind, random.Random(0),
+                                                                                       commas)).lower()))
     vocab = {w.lower() for w in vocab}
     keys = [t.word for t in lexicon.TOPICS] + [c.name for c in kb.conditions] + [c.drug for c in kb.conditions]
     own = {k: {k, k + "s", k + "es", k + "men"} for k in keys}

@@ -5,6 +5,7 @@ Dataset hooks receive the task metadata, whose `data_dir` is a world's data/ fol
 """
 
 from medmerge.miniclinic.evaltasks import (  # noqa: F401
+    agg_bleu,
     agg_inst_level_acc,
     gen_dataset,
     gen_results,
