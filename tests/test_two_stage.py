@@ -156,3 +156,19 @@ def test_loss_curves_plot_both_stages(tmp_path):
     assert png.stat().st_size > 1000
     with pytest.raises(InputError, match="train_log.jsonl"):
         loss_curves({"x": tmp_path / "missing"}, tmp_path / "x.png")
+
+
+def test_shipped_example_recipe_validates(tmp_path):
+    """examples/two_stage_lora.yaml parses and resolves ${world} against a built world folder."""
+    from medmerge.pipelines.two_stage_lora import load
+
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "summary.json").write_text(json.dumps({"preset": "full", "seed": 0, "code_version": "x"}))
+    example = Path(__file__).resolve().parents[1] / "examples" / "two_stage_lora.yaml"
+    cfg, info = load(example, tmp_path / "out", [f"world.dir={world}"])
+    assert cfg.base == world / "models" / "base"
+    assert cfg.pt.data.path == world / "data" / "corpora" / "clinical.txt"
+    assert cfg.eval.data_dir == world / "data" and cfg.eval.include_paths[0].name == "tasks"
+    assert cfg.merge.w_pt == [0.0, 0.1, 0.3, 0.5] and cfg.decoding.w_pt == 0.3
+    assert info["world"]["preset"] == "full"
