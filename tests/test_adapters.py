@@ -337,6 +337,8 @@ def test_cli_merge_and_verify(world, tmp_path):
                               "--adapter", f"{world['sft']}:0.7", "--out", str(out), "-q"])
     assert res.exit_code == 0, res.output
     assert (out / "medmerge.yml").is_file() and (out / "config.json").is_file()
+    card = (out / "README.md").read_text()
+    assert "W = W0 + sum_i w_i dW_i" in card and "| 0.3 |" in card and "Passed" in card
     res = runner.invoke(app, ["verify", str(out), "-q"])
     assert res.exit_code == 0, res.output
     _tamper(out, "model.layers.0.self_attn.q_proj.weight")

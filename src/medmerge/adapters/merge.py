@@ -286,6 +286,40 @@ def _write_record(folder: Path, record: dict) -> None:
     (folder / "medmerge.yml").write_text(
         "# Written by `medmerge adapters merge`; check with `medmerge verify <this folder>`.\n"
         + yaml.safe_dump(record, sort_keys=False))
+    (folder / "README.md").write_text(model_card(record))
+
+
+def model_card(record: dict) -> str:
+    """The provenance card: what was merged, how, from which files, and whether it verified."""
+    info = record[RECORD_KEY]
+    kind = "merged model" if info["as"] == "full" else "merged LoRA adapter"
+    lines = [
+        "---", "library_name: " + ("transformers" if info["as"] == "full" else "peft"),
+        "tags: [medmerge, lora, adapter-merge]", "---",
+        f"# {kind.capitalize()} ({info['method']})", "",
+        f"Made with medmerge {record['versions']['medmerge']} on {record['date']} by `medmerge adapters merge`.", "",
+        "## Formula", "", f"    {info['formula']}", "",
+        f"Method `{info['method']}`" + (f", density {info['density']}" if info.get("density") is not None else "")
+        + (f", rank {info['rank']}" if info.get("rank") else "") + f", seed {info['seed']}.", "",
+        "## Inputs", "", f"Base: `{info['base']}`", "",
+        "| adapter | weight | r | lora_alpha | rsLoRA | sha256 |", "|---|---|---|---|---|---|",
+    ]
+    for a in info["adapters"]:
+        lines.append(f"| `{a['path']}` | {a['weight']:g} | {a['r']} | {a['lora_alpha']} | {a['use_rslora']} | "
+                     f"`{a['sha256']}` |")
+    stats = record.get("stats") or {}
+    if "svd_relative_residual" in stats:
+        lines += ["", f"SVD export: relative Frobenius residual {stats['svd_relative_residual']:.4g} overall "
+                      "(per module in medmerge.yml)."]
+    v = record.get("verified")
+    if v:
+        lines += ["", "## Verification", "",
+                  f"{'Passed' if v['ok'] else 'FAILED'}: {v['modules_checked']} modules recomputed, largest absolute "
+                  f"error {v['max_abs_error']:.3g}."]
+    for n in record.get("notes") or []:
+        lines.append(f"- note: {n}")
+    lines += ["", "## Library versions", *[f"- {k} {v}" for k, v in record["versions"].items()], ""]
+    return "\n".join(lines)
 
 
 def _stats(results: list[ModuleResult]) -> dict:
