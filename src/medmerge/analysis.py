@@ -109,8 +109,8 @@ def flat_metrics(results: dict) -> dict[str, float]:
     return out
 
 
-def decoding_table(report: dict) -> str:
-    keys = sorted({k for r in report["settings"] for k in r["metrics"]})
+def decoding_table(report: dict, keys: Optional[Sequence[str]] = None) -> str:
+    keys = list(keys or sorted({k for r in report["settings"] for k in r["metrics"]}))
     lines = ["| setting | " + " | ".join(keys) + " | reasoning leakage |", "|---" * (len(keys) + 2) + "|"]
     for r in report["settings"]:
         leak = r["reasoning_leakage"]

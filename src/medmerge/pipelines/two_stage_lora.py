@@ -66,6 +66,7 @@ class EvalSettings(_Strict):
     max_new_tokens: Optional[int] = None
     chat_template: str = "auto"
     references: bool = True  # also evaluate the base and the PT adapter alone (w_PT = 1)
+    table_metrics: list[str] = []  # TASK/METRIC columns of results.md (default: every metric)
 
 
 class DecodingSettings(_Strict):
@@ -261,7 +262,7 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
     results = {
         "schema": "medmerge.two_stage_lora/1", "base": str(cfg.base), "world": info["world"],
         "config_file": info["config_file"], "stages": stages, "method": cfg.merge.method, "models": models,
-        "reasoning_pattern": cfg.reasoning_pattern, "decoding": decoding,
+        "reasoning_pattern": cfg.reasoning_pattern, "decoding": decoding, "table_metrics": ev.table_metrics,
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -271,7 +272,7 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
 
 def render(results: dict) -> str:
     """The table: one row per model, one column per task metric, plus leakage and verification."""
-    keys = sorted({k for m in results["models"] for k in m["metrics"] if not k.endswith("_stderr")})
+    keys = results.get("table_metrics") or sorted({k for m in results["models"] for k in m["metrics"]})
     head = ["model", "w_PT", "w_SFT", *keys, "reasoning leakage", "verified"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in results["models"]:
@@ -285,10 +286,11 @@ def render(results: dict) -> str:
            *lines, ""]
     for name, st in results["stages"].items():
         loss = st.get("train_loss", float("nan"))
-        out.append(f"- stage {name}: {st.get('steps', '?')} steps, final train loss {loss:.3f}, {st.get('seconds', '?')} s")
+        out.append(f"- stage {name}: {st.get('steps', '?')} steps, mean train loss {loss:.3f}, {st.get('seconds', '?')} s")
     out.append(f"- wall time {results['wall_time_s']} s; loss curves: loss_curves.png")
     if results.get("decoding"):
         from ..analysis import decoding_table
 
-        out += ["", "## Decoding sensitivity", "", decoding_table(results["decoding"])]
+        out += ["", f"## Decoding sensitivity ({results['decoding']['model']})", "",
+                decoding_table(results["decoding"], keys or None)]
     return "\n".join(out)
