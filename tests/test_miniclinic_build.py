@@ -29,8 +29,8 @@ def test_quick_world_summary_and_models(built):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["preset"] == "quick" and set(summary["scores"]) == set(MODELS)
     for scores in summary["scores"].values():
-        assert set(scores) == {"if_prompt_strict", "if_inst_strict", "mcq_acc", "gen_rougeL"}
-        assert 0 <= scores["mcq_acc"] <= 1
+        assert set(scores) == {"if_prompt_strict", "if_inst_strict", "mcq_acc", "gen_rougeL", "gen_bleu"}
+        assert 0 <= scores["mcq_acc"] <= 1 and 0 <= scores["gen_bleu"] <= 100
     assert [r["model"] for r in summary["training"]] == list(MODELS)
     assert {r["from"] for r in summary["training"]} == {"init", "base", "instruct"}
     for name in MODELS:
