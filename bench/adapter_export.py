@@ -13,7 +13,8 @@ untied) and two LoRA adapters (r 16 and r 32, alpha 32, all seven linear
 projections of every layer) with random factors.
 
 Every run is a child process (2 threads); the script records wall time and
-peak RSS (ru_maxrss from wait4), alternates the order over `--repeats`, and prints
+peak RSS (ru_maxrss from wait4; this script never loads a model itself, since a
+child inherits its parent's peak RSS), alternates the order over `--repeats`, and prints
 the medians and the ratios PEFT / medmerge. It also checks both outputs with
 `medmerge verify --base --adapter` (the largest deviation from
 W0 + 0.3 dW_PT + 0.7 dW_SFT, computed in float32 and rounded once).
@@ -87,8 +88,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=WORK / "results.json")
+    ap.add_argument("--setup-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    base, pt, sft = setup()
+    if args.setup_only:
+        setup()
+        return
+    # Set up in a child: on Linux a child inherits its parent's peak RSS across fork and exec, so this
+    # process must stay small for the children's ru_maxrss to be their own.
+    import subprocess
+
+    subprocess.run([PY, __file__, "--setup-only"], check=True)
+    base, pt, sft = WORK / "base", WORK / "pt", WORK / "sft"
     env = _common.child_env(args.threads)
     script = WORK / "peft_route.py"
     script.write_text(PEFT_SCRIPT)
