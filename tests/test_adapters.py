@@ -347,3 +347,21 @@ def test_cli_merge_and_verify(world, tmp_path):
     res = runner.invoke(app, ["verify", str(world["base"]), "--base", str(world["base"]), "--adapter",
                               f"{world['pt']}:0.3", "-q"])
     assert res.exit_code == 1 and "not applied" in res.output
+
+
+def test_sharded_full_export_loads_in_transformers_with_peft_logits(world, tmp_path):
+    """--as full through the sharded writer: several shards + index, loads with AutoModelForCausalLM, and gives
+    the logits of the base with both adapters applied by PEFT at their weights."""
+    from transformers import AutoModelForCausalLM
+
+    adapters = [(world["pt"], 0.3), (world["sft"], 0.7)]
+    merge_adapters(world["base"], adapters, tmp_path / "sharded", shard_size="20KB", progress=False)
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    ours = AutoModelForCausalLM.from_pretrained(str(tmp_path / "sharded"), dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(str(world["base"]), dtype=torch.float32)
+    ref.load_state_dict(_peft_merged(world["base"], adapters))
+    ids = torch.randint(0, ours.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+    assert verify_adapter_merge(tmp_path / "sharded").ok

@@ -31,7 +31,7 @@ from ..io.checkpoint import Checkpoint, resolve_model_path
 from ..io.fingerprint import fingerprint
 from ..io.writer import OutTensor, ShardedWriter, atomic_output_dir, check_output, parse_size
 from ..provenance import TOKENIZER_FILES, library_versions, sha256_file
-from .combine import DENSITY_METHODS, METHODS, combine, svd_factors
+from .combine import DENSITY_METHODS, LINEAR_METHODS, METHODS, combine, svd_factors
 from .lora import CONFIG_NAME, PREFIX, WEIGHTS_NAME, LoraAdapter
 
 RECORD_KEY = "adapter_merge"
@@ -62,6 +62,36 @@ class AdapterInputs:
     def deltas(self, target: str) -> list[Optional[torch.Tensor]]:
         """Each adapter's delta for base tensor `target`, in the weight's orientation (None: missing)."""
         return [None if m is None else a.delta(m) for a, m in zip(self.adapters, self.modules[target])]
+
+    def stacked_factors(self, target: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(A_cat, B_cat, transpose) with B_cat @ A_cat = sum_i w_i s_i B_i A_i: the `cat` factors.
+
+        A_cat stacks the A_i (rank sum r_i); B_cat holds w_i s_i B_i side by side (the
+        scalings are folded into the small factor). The weight's delta is B_cat @ A_cat,
+        transposed when `transpose` (embedding LoRA, fan_in_fan_out).
+        """
+        As, Bs, transpose = [], [], False
+        for a, m, w in zip(self.adapters, self.modules[target], self.weights):
+            if m is None:
+                continue
+            fa, fb = a.factors(m)
+            As.append(fa)
+            Bs.append(fb.mul_(w * a.modules[m].scaling))
+            transpose = a.modules[m].transpose
+        return torch.cat(As, dim=0), torch.cat(Bs, dim=1), transpose
+
+    def merged_weight(self, target: str, w0: torch.Tensor, method: str, density, seed: int) -> torch.Tensor:
+        """W0 + the combined delta, in float32 (a fresh tensor; `w0` is not modified).
+
+        The linear methods (exact, cat, svd) compute it as one fused W0 + B_cat @ A_cat
+        (`addmm`): no per-adapter full-size delta is ever formed.
+        """
+        w0f = w0.to(torch.float32)
+        if method in LINEAR_METHODS:
+            a, b, transpose = self.stacked_factors(target)
+            return torch.addmm(w0f, a.T, b.T) if transpose else torch.addmm(w0f, b, a)
+        d = combine(self.deltas(target), self.weights, method, density, seed, _module(target))
+        return d.add_(w0f)
 
     def close(self) -> None:
         self.base.close()
@@ -354,8 +384,7 @@ def _write_full(inputs: AdapterInputs, folder: Path, method: str, density, seed:
         for t in tensors:
             w0 = base.read(t.name)
             if t.name in inputs.modules:
-                d = combine(inputs.deltas(t.name), inputs.weights, method, density, seed, _module(t.name))
-                w = w0.to(torch.float32).add_(d).to(t.dtype)
+                w = inputs.merged_weight(t.name, w0, method, density, seed).to(t.dtype)
                 results.append(ModuleResult(t.name))
             else:
                 w = w0.to(t.dtype)
@@ -391,14 +420,8 @@ def adapter_factors(inputs: AdapterInputs, target: str, method: str, density, ra
     first = next(a.modules[m] for a, m in zip(inputs.adapters, names) if m is not None)
     result = ModuleResult(target)
     if method == "cat":
-        As, Bs = [], []
-        for a, m, w in zip(inputs.adapters, names, inputs.weights):
-            if m is None:
-                continue
-            fa, fb = a.factors(m)
-            As.append(fa)
-            Bs.append(fb * (w * a.modules[m].scaling))
-        return torch.cat(As, dim=0), torch.cat(Bs, dim=1), result
+        fa, fb, _ = inputs.stacked_factors(target)
+        return fa, fb, result
     # factor orientation: B @ A, i.e. the transpose of the weight delta for embedding / fan_in_fan_out
     combined = combine(inputs.deltas(target), inputs.weights, method, density, seed, _module(target))
     if first.transpose:

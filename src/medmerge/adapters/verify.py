@@ -139,14 +139,10 @@ def _verify_full(folder: Path, inputs: AdapterInputs, method: str, density, seed
                     report.problems.append(f"tensor {name} is not targeted by any adapter but differs from the "
                                            f"base (max abs {diff:.3g})")
                 continue
-            deltas = inputs.deltas(name)
-            w0f = w0.to(torch.float32, copy=True)  # a copy even when the base is float32: it is added to in place
             # a hypothesis stays of interest while it fits the export on every module so far
             live = [k for k in hyps if fits[k]]
-            singles = ([d.clone() if d is not None else None for d in deltas]
-                       if any(k != "base" for k in live) else None)
-            expected = w0f.add_(combine(deltas, inputs.weights, method, density, seed, name.removesuffix(".weight")))
-            expected = expected.to(actual.dtype)
+            singles = inputs.deltas(name) if any(k != "base" for k in live) else None
+            expected = inputs.merged_weight(name, w0, method, density, seed).to(actual.dtype)
             if torch.equal(expected, actual):  # bit-identical (our own exports): nothing to measure
                 report.checked.append(TensorCheck(name, 0.0, 0.0, True))
             else:
@@ -158,7 +154,8 @@ def _verify_full(folder: Path, inputs: AdapterInputs, method: str, density, seed
                 else:
                     j = int(key[3:])
                     d = singles[j] if singles[j] is not None else torch.zeros(w0.shape)
-                    cand = w0.to(torch.float32, copy=True).add_(d, alpha=1.0 if key.startswith("one") else inputs.weights[j])
+                    alpha = 1.0 if key.startswith("one") else inputs.weights[j]
+                    cand = w0.to(torch.float32, copy=True).add_(d, alpha=alpha)  # a copy even of a float32 base
                 cand = cand.to(actual.dtype)
                 fits[key] = torch.equal(cand, actual) or compare(cand, actual)[2]
                 if fits[key] and same[key]:
