@@ -18,10 +18,11 @@ import datetime as dt
 import json
 import math
 import shutil
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import yaml
@@ -379,21 +380,43 @@ def _write_full(inputs: AdapterInputs, folder: Path, method: str, density, seed:
                          tuple(r.shape)) for r in order]
     writer = ShardedWriter(folder, tensors, shard_size, metadata={"medmerge": "adapters merge"})
     results = []
-    with _progress(progress) as bar:
+
+    def write(name: str, w: torch.Tensor) -> None:
+        writer.begin(name)
+        writer.write(w)
+
+    with _progress(progress) as bar, ThreadPoolExecutor(1) as io:
         task = bar.add_task("merging adapters", total=len(tensors))
-        for t in tensors:
-            w0 = base.read(t.name)
+        written = None
+        for t, w0 in zip(tensors, prefetch(base.read, [t.name for t in tensors])):
             if t.name in inputs.modules:
                 w = inputs.merged_weight(t.name, w0, method, density, seed).to(t.dtype)
                 results.append(ModuleResult(t.name))
             else:
                 w = w0.to(t.dtype)
-            writer.begin(t.name)
-            writer.write(w)
+            if written is not None:
+                written.result()  # in order, one tensor at a time
+            written = io.submit(write, t.name, w)
             bar.advance(task)
+        if written is not None:
+            written.result()
     writer.close()
     _copy_support(base, folder, out_dtype)
     return results
+
+
+def prefetch(read, names: Sequence[str], depth: int = 2) -> Iterator[torch.Tensor]:
+    """read(name) for each name, in order, with up to `depth` reads running ahead in a thread
+    (file reads release the GIL, so reading overlaps computing); memory: `depth` tensors."""
+    with ThreadPoolExecutor(1) as pool:
+        queue: deque = deque()
+        for name in names[:depth]:
+            queue.append(pool.submit(read, name))
+        for i in range(len(names)):
+            value = queue.popleft().result()
+            if i + depth < len(names):
+                queue.append(pool.submit(read, names[i + depth]))
+            yield value
 
 
 def _module(target: str) -> str:

@@ -32,7 +32,7 @@ from ..io.checkpoint import Checkpoint
 from ..verify import TensorCheck, VerifyReport, compare
 from .combine import LINEAR_METHODS, combine
 from .lora import CONFIG_NAME, LoraAdapter
-from .merge import RECORD_KEY, AdapterInputs, open_inputs
+from .merge import RECORD_KEY, AdapterInputs, open_inputs, prefetch
 
 ADAPTER_RTOL = 1e-5  # relative Frobenius error allowed for an exact (cat) adapter export, float32 factors
 
@@ -123,12 +123,10 @@ def _verify_full(folder: Path, inputs: AdapterInputs, method: str, density, seed
     same = dict.fromkeys(hyps, True)  # hypothesis is indistinguishable from the intended merge
     with _bar(progress) as bar:
         task = bar.add_task("verifying", total=len(base.records))
-        for name, rec in base.records.items():
+        names = [n for n in base.records if n in out.records]
+        pairs = prefetch(lambda n: (out.read(n), base.read(n)), names)
+        for name, (actual, w0) in zip(names, pairs):
             bar.advance(task)
-            if name not in out.records:
-                continue
-            actual = out.read(name)
-            w0 = base.read(name)
             if tuple(actual.shape) != tuple(w0.shape):
                 report.problems.append(f"tensor {name}: shape {list(actual.shape)} in the export, {list(w0.shape)} "
                                        "in the base")
