@@ -365,3 +365,25 @@ def test_sharded_full_export_loads_in_transformers_with_peft_logits(world, tmp_p
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
     assert verify_adapter_merge(tmp_path / "sharded").ok
+
+
+def test_in_merge_verification_reads_back_every_tensor_and_recomputes_a_sample(world, tmp_path):
+    from medmerge.adapters.merge import checksum, open_inputs, readback_problems, sample_targets
+    from medmerge.io.checkpoint import Checkpoint
+
+    adapters = [(world["pt"], 0.3), (world["sft"], 0.7)]
+    rec = merge_adapters(world["base"], adapters, tmp_path / "sampled", progress=False)
+    assert rec["verified"]["ok"] and "read back" in rec["verified"]["mode"]
+    full = merge_adapters(world["base"], adapters, tmp_path / "full", verify="full", progress=False)
+    assert full["verified"]["mode"] == "full" and full["verified"]["modules_checked"] == 6
+    inputs = open_inputs(world["base"], adapters)
+    chosen = sample_targets(inputs, 2, seed=0)
+    assert {t.rsplit(".", 2)[-2] for t in chosen} == {"q_proj", "v_proj", "down_proj"}  # every kind, even for k=2
+    assert sample_targets(inputs, 100, seed=0) == set(inputs.modules)
+    inputs.close()
+    ckpt = Checkpoint(tmp_path / "sampled")
+    sums = {n: checksum(ckpt.read(n)) for n in ckpt.records}
+    ckpt.close()
+    assert readback_problems(tmp_path / "sampled", sums) == []
+    _tamper(tmp_path / "sampled", "model.embed_tokens.weight")
+    assert [p.split()[1] for p in readback_problems(tmp_path / "sampled", sums)] == ["model.embed_tokens.weight"]

@@ -348,8 +348,10 @@ def adapters_merge_cmd(
     no_base_check: bool = typer.Option(False, "--no-base-check", help="skip the same-base check (fingerprint, "
                                        "else base config)"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="read pickle adapters/bases you trust"),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="check every module of the output before it is "
-                                "moved into place"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="before the output is moved into place: read "
+                                "back every tensor (CRC-32) and recompute a sample of modules"),
+    verify_all: bool = typer.Option(False, "--verify-all", help="recompute every module instead of a sample "
+                                    "(what `medmerge verify OUT` does)"),
     force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
@@ -360,7 +362,7 @@ def adapters_merge_cmd(
         record = merge_adapters(
             base, [parse_adapter_arg(a) for a in adapter], out, method=method, as_=as_, density=density, rank=rank,
             seed=seed, dtype=dtype, shard_size=shard_size, allow_missing=allow_missing, allow_pickle=allow_pickle,
-            check_base=not no_base_check, verify=verify, force=force, progress=not quiet)
+            check_base=not no_base_check, verify="full" if verify_all else verify, force=force, progress=not quiet)
     except MedmergeError as e:
         _fail(e)
     except KeyboardInterrupt:
@@ -375,7 +377,7 @@ def adapters_merge_cmd(
                       "(per module in medmerge.yml)")
     if "verified" in record:
         v = record["verified"]
-        console.print(f"verified {v['modules_checked']} modules: largest abs error {v['max_abs_error']:.3g}")
+        console.print(f"verified ({v['mode']}): largest abs error {v['max_abs_error']:.3g}")
     for note in record.get("notes", []):
         console.print(f"note: {note}")
 

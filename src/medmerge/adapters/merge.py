@@ -36,6 +36,7 @@ from .combine import DENSITY_METHODS, LINEAR_METHODS, METHODS, combine, svd_fact
 from .lora import CONFIG_NAME, PREFIX, WEIGHTS_NAME, LoraAdapter
 
 RECORD_KEY = "adapter_merge"
+SAMPLE_MODULES = 8  # modules recomputed from the inputs by the merge's own verification (all with verify="full")
 _CONFIG_IGNORE = ("_name_or_path", "torch_dtype", "dtype", "transformers_version", "use_cache", "architectures")
 
 
@@ -245,7 +246,7 @@ def merge_adapters(
     allow_missing: bool = False,
     allow_pickle: bool = False,
     check_base: bool = True,
-    verify: bool = True,
+    verify: bool | str = True,  # True: read back every tensor + recompute a sample; "full": recompute all; False
     force: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -268,9 +269,10 @@ def merge_adapters(
     try:
         with atomic_output_dir(out, force=force) as tmp:
             record = _record(inputs, method_used, as_, density, rank, seed, out_dtype)
+            checksums = None
             if as_ == "full":
-                results = _write_full(inputs, tmp, method_used, density, seed, out_dtype, parse_size(shard_size),
-                                      progress)
+                results, checksums = _write_full(inputs, tmp, method_used, density, seed, out_dtype,
+                                                 parse_size(shard_size), progress)
             else:
                 results, record["rank"] = _write_adapter(inputs, tmp, method_used, density, rank, seed, progress)
             record["stats"] = _stats(results)
@@ -279,8 +281,17 @@ def merge_adapters(
             if verify:
                 from .verify import verify_adapter_merge
 
-                report = verify_adapter_merge(tmp, inputs=inputs, progress=progress)
-                record["verified"] = report.summary()
+                # full exports: every tensor is read back byte for byte (CRC-32) and a sample of modules is
+                # recomputed from the inputs; verify="full" (and `medmerge verify OUT`) recomputes every module
+                only = None
+                if checksums is not None and verify != "full":
+                    only = sample_targets(inputs, SAMPLE_MODULES, seed)
+                report = verify_adapter_merge(tmp, inputs=inputs, only=only, progress=progress)
+                if checksums is not None:
+                    report.problems += readback_problems(tmp, checksums)
+                record["verified"] = {**report.summary(), "mode": "full" if only is None else
+                                      f"every tensor read back (CRC-32); {len(only)} of {len(inputs.modules)} "
+                                      "modules recomputed"}
                 if not report.ok:
                     raise MedmergeError("the written merge does not match the intended combination: "
                                         + "; ".join(report.problems[:5] + [c.name for c in report.checked if not c.ok][:5])
@@ -373,17 +384,19 @@ def _progress(enabled: bool):
 
 
 def _write_full(inputs: AdapterInputs, folder: Path, method: str, density, seed: int, out_dtype, shard_size: int,
-                progress: bool) -> list[ModuleResult]:
+                progress: bool) -> tuple[list[ModuleResult], dict[str, int]]:
     base = inputs.base
     order = sorted(base.records.values(), key=lambda r: (str(r.file), r.start))
     tensors = [OutTensor(r.name, out_dtype if (out_dtype and r.torch_dtype.is_floating_point) else r.torch_dtype,
                          tuple(r.shape)) for r in order]
     writer = ShardedWriter(folder, tensors, shard_size, metadata={"medmerge": "adapters merge"})
     results = []
+    checksums: dict[str, int] = {}
 
     def write(name: str, w: torch.Tensor) -> None:
         writer.begin(name)
         writer.write(w)
+        checksums[name] = checksum(w)
 
     with _progress(progress) as bar, ThreadPoolExecutor(1) as io:
         task = bar.add_task("merging adapters", total=len(tensors))
@@ -402,7 +415,40 @@ def _write_full(inputs: AdapterInputs, folder: Path, method: str, density, seed:
             written.result()
     writer.close()
     _copy_support(base, folder, out_dtype)
-    return results
+    return results, checksums
+
+
+def checksum(t: torch.Tensor) -> int:
+    """CRC-32 of a tensor's bytes (as the writer stores them)."""
+    import zlib
+
+    t = t.detach().contiguous()
+    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else 0
+
+
+def readback_problems(folder: Path, checksums: dict[str, int]) -> list[str]:
+    """Every tensor as read back from the written files has the bytes that were computed."""
+    out = Checkpoint(folder)
+    names = list(checksums)
+    problems = [f"tensor {n} read back from {folder} differs from what was written (CRC-32)"
+                for n, t in zip(names, prefetch(out.read, names)) if checksum(t) != checksums[n]]
+    out.close()
+    return problems
+
+
+def sample_targets(inputs: AdapterInputs, k: int, seed: int) -> set[str]:
+    """`k` targeted tensors for the in-merge recomputation: one per module kind first, then random."""
+    import random
+
+    targets = sorted(inputs.modules)
+    rng = random.Random(seed)
+    by_kind: dict[str, list[str]] = {}
+    for t in targets:
+        by_kind.setdefault(t.rsplit(".", 2)[-2], []).append(t)
+    chosen = {rng.choice(v) for v in by_kind.values()}
+    rest = [t for t in targets if t not in chosen]
+    chosen |= set(rng.sample(rest, max(0, min(k - len(chosen), len(rest)))))
+    return chosen
 
 
 def prefetch(read, names: Sequence[str], depth: int = 2) -> Iterator[torch.Tensor]:
