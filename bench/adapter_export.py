@@ -4,8 +4,9 @@
 The PEFT route is what users write: load the base, load both adapters,
 `add_weighted_adapter(..., combination_type="cat")`, `merge_and_unload()`,
 `save_pretrained()`. medmerge is `medmerge adapters merge --base B --adapter
-pt:0.3 --adapter sft:0.7 --out O` (streamed, and verified module by module before
-the output is moved into place; `--no-verify` is timed too).
+pt:0.3 --adapter sft:0.7 --out O`: streamed; before the output is moved into place
+every tensor is read back (CRC-32) and a sample of modules recomputed. `--verify-all`
+(every module recomputed) and `--no-verify` are timed too.
 
 Setup (cached under bench/_work/adapter_export/): a random Llama of about 0.55 B
 parameters in bfloat16 (hidden 1536, 16 layers, MLP 4096, vocabulary 32,000,
@@ -108,6 +109,9 @@ def main() -> None:
         "medmerge --no-verify": [PY, "-m", "medmerge.cli", "adapters", "merge", "--base", str(base), "--adapter",
                                  f"{pt}:0.3", "--adapter", f"{sft}:0.7", "--out", str(WORK / "out_medmerge_nv"),
                                  "--force", "-q", "--no-verify"],
+        "medmerge --verify-all": [PY, "-m", "medmerge.cli", "adapters", "merge", "--base", str(base), "--adapter",
+                                  f"{pt}:0.3", "--adapter", f"{sft}:0.7", "--out", str(WORK / "out_medmerge_va"),
+                                  "--force", "-q", "--verify-all"],
         "peft": [PY, str(script), str(base), str(pt), str(sft), str(WORK / "out_peft"), str(args.threads)],
     }
     runs: dict[str, list[dict]] = {k: [] for k in cmds}
