@@ -387,3 +387,34 @@ def test_in_merge_verification_reads_back_every_tensor_and_recomputes_a_sample(w
     assert readback_problems(tmp_path / "sampled", sums) == []
     _tamper(tmp_path / "sampled", "model.embed_tokens.weight")
     assert [p.split()[1] for p in readback_problems(tmp_path / "sampled", sums)] == ["model.embed_tokens.weight"]
+
+
+def test_output_dtype_and_fingerprint_cache(world, tmp_path):
+    from medmerge.io.fingerprint import fingerprint
+
+    adapters = [(world["pt"], 0.3), (world["sft"], 0.7)]
+    rec = merge_adapters(world["base"], adapters, tmp_path / "bf16", dtype="bfloat16", verify="full", progress=False)
+    assert rec["verified"]["ok"]
+    state = _state(tmp_path / "bf16")
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    module = "model.layers.0.mlp.down_proj"
+    w0 = _state(world["base"])[module + ".weight"]
+    hand = 0.3 * _hand_delta(world["pt"], module) + 0.7 * _hand_delta(world["sft"], module)
+    want = (w0 + hand).to(torch.bfloat16)  # computed in float32, rounded once
+    got = state[module + ".weight"]
+    assert not torch.equal(want, w0.to(torch.bfloat16))  # the delta survives the rounding
+    # equal up to the last bf16 bit where float32 summation order puts W0 + delta on a rounding boundary
+    torch.testing.assert_close(got.float(), want.float(), atol=0, rtol=2 ** -8)
+    assert (got != want).float().mean() < 0.01
+    with pytest.raises(InputError, match="--dtype"):
+        merge_adapters(world["base"], adapters, tmp_path / "x", dtype="int8", progress=False)
+    # the fingerprint is cached, but follows a changed file
+    folder = tmp_path / "fp"
+    shutil.copytree(world["base"], folder)
+    first = fingerprint(folder)
+    assert fingerprint(folder) == first
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-3
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert fingerprint(folder) != first

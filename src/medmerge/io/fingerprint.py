@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Sequence
@@ -27,4 +28,13 @@ def model_files(path: Path) -> list[Path]:
 
 
 def fingerprint(path: str | Path) -> str:
-    return file_sha256(model_files(Path(path)))
+    """sha256 over a folder's weights and configs; cached in this process while no file's size or mtime changes
+    (hashing an 8B base takes about a minute, and a pipeline checks the same base many times)."""
+    files = model_files(Path(path))
+    key = tuple(sorted((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    return _cached(key)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached(key: tuple) -> str:
+    return file_sha256([Path(name) for name, _, _ in key])
