@@ -441,6 +441,11 @@ def analyze_decoding_cmd(
     console.print(f"wrote {out / 'decoding.json'}, decoding.md, decoding.png")
 
 
+def _labelled(runs: list[str]) -> dict[str, str]:
+    """'LABEL=PATH' or 'PATH' (labelled by its folder name) -> {label: path}."""
+    return dict(r.split("=", 1) if "=" in r else (Path(r).name, r) for r in runs)
+
+
 @analyze_app.command("leakage")
 def analyze_leakage_cmd(
     runs: list[str] = typer.Argument(..., help="eval folders written with --log-samples, as DIR or LABEL=DIR"),
@@ -450,9 +455,8 @@ def analyze_leakage_cmd(
     """Share of generated outputs that contain a reasoning span, per run and task."""
     from .analysis import reasoning_leakage
 
-    labelled = dict(r.split("=", 1) if "=" in r else (Path(r).name, r) for r in runs)
     try:
-        report = reasoning_leakage(labelled, pattern)
+        report = reasoning_leakage(_labelled(runs), pattern)
     except MedmergeError as e:
         _fail(e)
     table = Table(title=f"reasoning leakage ({pattern})")
@@ -475,9 +479,8 @@ def analyze_loss_cmd(
     """One plot with the training (and eval) loss of several `medmerge train` runs."""
     from .analysis import loss_curves
 
-    labelled = dict(r.split("=", 1) if "=" in r else (Path(r).name, r) for r in runs)
     try:
-        loss_curves(labelled, out, title)
+        loss_curves(_labelled(runs), out, title)
     except MedmergeError as e:
         _fail(e)
     console.print(f"wrote {out}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import re
 import shutil
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -30,10 +31,16 @@ import yaml
 from ..errors import InputError, MedmergeError
 from ..io.checkpoint import Checkpoint, resolve_model_path
 from ..io.fingerprint import fingerprint
-from ..io.writer import OutTensor, ShardedWriter, atomic_output_dir, check_output, parse_size
+from ..io.writer import (
+    OutTensor,
+    ShardedWriter,
+    atomic_output_dir,
+    check_output,
+    parse_size,
+)
 from ..provenance import TOKENIZER_FILES, library_versions, sha256_file
 from .combine import DENSITY_METHODS, LINEAR_METHODS, METHODS, combine, svd_factors
-from .lora import CONFIG_NAME, PREFIX, WEIGHTS_NAME, LoraAdapter
+from .lora import CONFIG_NAME, PREFIX, WEIGHTS_NAME, LoraAdapter, LoraModule
 
 RECORD_KEY = "adapter_merge"
 SAMPLE_MODULES = 8  # modules recomputed from the inputs by the merge's own verification (all with verify="full")
@@ -64,6 +71,10 @@ class AdapterInputs:
     def deltas(self, target: str) -> list[Optional[torch.Tensor]]:
         """Each adapter's delta for base tensor `target`, in the weight's orientation (None: missing)."""
         return [None if m is None else a.delta(m) for a, m in zip(self.adapters, self.modules[target])]
+
+    def first_module(self, target: str) -> LoraModule:
+        """The module of the first adapter that has `target` (all share its orientation)."""
+        return next(a.modules[m] for a, m in zip(self.adapters, self.modules[target]) if m is not None)
 
     def stacked_factors(self, target: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(A_cat, B_cat, transpose) with B_cat @ A_cat = sum_i w_i s_i B_i A_i: the `cat` factors.
@@ -269,6 +280,7 @@ def merge_adapters(
     try:
         with atomic_output_dir(out, force=force) as tmp:
             record = _record(inputs, method_used, as_, density, rank, seed, out_dtype)
+            record[RECORD_KEY]["allow_missing"] = allow_missing
             checksums = None
             if as_ == "full":
                 results, checksums = _write_full(inputs, tmp, method_used, density, seed, out_dtype,
@@ -377,7 +389,13 @@ def _stats(results: list[ModuleResult]) -> dict:
 
 
 def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeRemainingColumn(), disable=not enabled, transient=False)
@@ -485,15 +503,13 @@ def _copy_support(base: Checkpoint, folder: Path, out_dtype) -> None:
 def adapter_factors(inputs: AdapterInputs, target: str, method: str, density, rank: Optional[int],
                     seed: int) -> tuple[torch.Tensor, torch.Tensor, ModuleResult]:
     """(A, B) of the exported adapter for one module, in PEFT's orientation (scaling 1)."""
-    names = inputs.modules[target]
-    first = next(a.modules[m] for a, m in zip(inputs.adapters, names) if m is not None)
     result = ModuleResult(target)
     if method == "cat":
         fa, fb, _ = inputs.stacked_factors(target)
         return fa, fb, result
     # factor orientation: B @ A, i.e. the transpose of the weight delta for embedding / fan_in_fan_out
     combined = combine(inputs.deltas(target), inputs.weights, method, density, seed, _module(target))
-    if first.transpose:
+    if inputs.first_module(target).transpose:
         combined = combined.T.contiguous()
     fa, fb, _, norm = svd_factors(combined, rank)
     result.residual = float(torch.linalg.matrix_norm((combined - fb @ fa).to(torch.float64)))
@@ -521,9 +537,7 @@ def _write_adapter(inputs: AdapterInputs, folder: Path, method: str, density, ra
             fa, fb, res = adapter_factors(inputs, target, method, density, rank, seed)
             results.append(res)
             module = _module(target)
-            names = inputs.modules[target]
-            emb = next(a.modules[m] for a, m in zip(inputs.adapters, names) if m is not None).a.name.endswith(
-                "lora_embedding_A")
+            emb = inputs.first_module(target).a.name.endswith("lora_embedding_A")
             a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
             state[f"{PREFIX}{module}.{a_key}"] = fa.contiguous()
             state[f"{PREFIX}{module}.{b_key}"] = fb.contiguous()
@@ -531,7 +545,7 @@ def _write_adapter(inputs: AdapterInputs, folder: Path, method: str, density, ra
             bar.advance(task)
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     common = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {_escape(m): r for m, r in ranks.items() if r != common}
+    pattern = {re.escape(m): r for m, r in ranks.items() if r != common}  # PEFT matches keys as regexes
     config = {
         "peft_type": "LORA", "task_type": first_cfg.get("task_type", "CAUSAL_LM"),
         "base_model_name_or_path": str(inputs.base.path), "r": common, "lora_alpha": common,
@@ -546,10 +560,3 @@ def _write_adapter(inputs: AdapterInputs, folder: Path, method: str, density, ra
         if src.is_file():
             shutil.copy2(src, folder / name)
     return results, (rank if rank is not None else common)
-
-
-def _escape(module: str) -> str:
-    """A rank_pattern key that PEFT's regex match finds for exactly this module."""
-    import re
-
-    return re.escape(module)

@@ -79,7 +79,7 @@ def verify_adapter_merge(folder: str | Path, *, inputs: Optional[AdapterInputs] 
     if own:
         if base is None:
             raise InputError("pass --base with --adapter")
-        inputs = open_inputs(base, adapters, allow_missing=allow_missing or _had_missing(rec),
+        inputs = open_inputs(base, adapters, allow_missing=allow_missing or bool(rec.get("allow_missing")),
                              allow_pickle=allow_pickle, check_base=check_base)
     try:
         if (folder / CONFIG_NAME).is_file():
@@ -93,10 +93,6 @@ def verify_adapter_merge(folder: str | Path, *, inputs: Optional[AdapterInputs] 
 def _read_record(folder: Path) -> dict:
     file = folder / "medmerge.yml"
     return (yaml.safe_load(file.read_text()) or {}) if file.is_file() else {}
-
-
-def _had_missing(rec: dict) -> bool:
-    return any("--allow-missing" in n for n in (rec.get("notes") or [])) if rec else False
 
 
 def _bar(progress: bool):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -27,7 +28,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError, InputError
-from ..training.config import DataConfig, LoraSettings, TrainingSettings
+from ..training.config import (
+    DataConfig,
+    LoraSettings,
+    TrainingSettings,
+    apply_overrides,
+    read_yaml,
+    validation_message,
+)
 
 
 class _Strict(BaseModel):
@@ -109,23 +117,15 @@ def _expand(value, variables: dict[str, str]):
 
 def load(path: str | Path, out: Path, overrides: list[str] = ()) -> tuple[TwoStageConfig, dict]:
     """Read CONFIG, build the world if asked (into OUT/world), expand ${world} and $VARS, validate."""
-    from ..training.config import apply_overrides
-
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pipeline config {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    raw = apply_overrides(raw, list(overrides))
+    raw = apply_overrides(read_yaml(path, "pipeline config"), list(overrides))
     variables = {}
     world_info = None
     if raw.get("world"):
         try:
             ws = WorldSettings(**raw["world"])
         except ValidationError as e:
-            raise ConfigError(f"{path}: world: {e}") from None
+            raise ConfigError(f"{path}: world: {validation_message(e)}") from None
         from ..miniclinic.build import build
         from ..miniclinic.world import TASKS_DIR
 
@@ -160,8 +160,7 @@ def load(path: str | Path, out: Path, overrides: list[str] = ()) -> tuple[TwoSta
     try:
         cfg = TwoStageConfig(**raw)
     except ValidationError as e:
-        lines = [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
-        raise ConfigError(f"{path}: " + "; ".join(lines)) from None
+        raise ConfigError(f"{path}: {validation_message(e)}") from None
     if not cfg.merge.w_pt:
         raise ConfigError(f"{path}: merge.w_pt is empty")
     return cfg, {"world": world_info, "config_file": str(path.absolute())}
@@ -245,8 +244,6 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
     for m in models:
         m["reasoning_leakage"] = leakage[m["label"]]
         if not cfg.merge.keep and m["w_pt"] is not None:
-            import shutil
-
             shutil.rmtree(m["path"], ignore_errors=True)
 
     decoding = None

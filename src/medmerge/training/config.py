@@ -127,25 +127,37 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def read_yaml(path: Path, what: str) -> dict:
+    """A YAML mapping from `path`, or a ConfigError naming the file (`what`: e.g. "training config")."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a {what} is a YAML mapping of keys, not a {type(raw).__name__}")
+    return raw
+
+
+def validation_message(e: ValidationError) -> str:
+    """pydantic's errors as 'dotted.key: message; ...'."""
+    return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), raw: Optional[dict] = None) -> TrainConfig:
     """Read, override and validate; relative paths are taken from the config file's folder."""
     base = Path(".")
     if raw is None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"training config {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})")
+        raw = read_yaml(path, "training config")
         base = path.parent
     raw = apply_overrides(dict(raw), list(overrides))
     try:
         cfg = TrainConfig.model_validate(raw)
     except ValidationError as e:
         where = f"{path}: " if path else ""
-        lines = [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
-        raise ConfigError(where + "invalid training config: " + "; ".join(lines))
+        raise ConfigError(where + "invalid training config: " + validation_message(e))
     for attr in ("model", "after_adapter"):
         value = getattr(cfg, attr)
         if value is not None and not value.is_absolute():
