@@ -17,8 +17,23 @@ $(VENV)/.runtime: requirements/lock.txt pyproject.toml
 	$(PY) -m medmerge.evaluation.nltk_data
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime requirements/dev.txt
+# Dev set-up also needs Debian's chromium (tests/browser.py renders HTML reports headless). While it is
+# missing, .dev is always out of date, so an old checkout gets it on its next `make test` too.
+CHROMIUM := $(shell command -v chromium 2>/dev/null || { test -x /usr/bin/chromium && echo /usr/bin/chromium; })
+FORCE:
+
+$(VENV)/.dev: $(VENV)/.runtime requirements/dev.txt $(if $(CHROMIUM),,FORCE)
 	$(PY) -m pip install --quiet -r requirements/dev.txt
+	@command -v chromium >/dev/null 2>&1 || test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; else SUDO=no; fi; \
+	  if [ "$$SUDO" != no ] && command -v apt-get >/dev/null 2>&1 \
+	    && echo "Installing Debian package chromium (for the browser tests)..." \
+	    && $$SUDO apt-get update -qq \
+	    && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  then chromium --version 2>/dev/null || true; \
+	  else echo "WARNING: Debian package chromium is not installed and could not be installed here;" \
+	    "browser tests will be skipped. Install it as root: apt-get install -y --no-install-recommends chromium" >&2; \
+	  fi; }
 	touch $@
 
 setup: $(VENV)/.runtime

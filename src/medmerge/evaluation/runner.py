@@ -324,6 +324,7 @@ def evaluate(
     include_paths: Sequence[str | Path] = (),
     data_dir: Optional[str | Path] = None,
     limit: Optional[int | float] = None,
+    samples: Optional[dict[str, list[int]]] = None,
     batch_size: int | str = 1,
     device: str = "auto",
     dtype: str = "auto",
@@ -335,9 +336,12 @@ def evaluate(
     force: bool = False,
     allow_pickle: bool = False,
     verbose: bool = False,
+    plan: Optional[TaskPlan] = None,
 ) -> dict:
     """Evaluate `model` (a local folder or a loaded transformers model) on `tasks`; write OUT/results.json.
 
+    `samples` ({task: [doc index, ...]}, lm-eval's option) evaluates chosen documents instead of
+    `limit`'s first ones. `plan` reuses a `plan_tasks` result (and its loaded task index) across calls.
     Returns the results dict (also when `out` is None, in which case nothing is written).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -364,7 +368,10 @@ def evaluate(
         adapter_path = check_adapter(peft, model_path, allow_pickle)
     data_root = Path(data_dir).expanduser() if data_dir else (Path(os.environ["MEDMERGE_DATA"]) if os.environ.get("MEDMERGE_DATA") else None)
     nltk_data.activate()
-    plan = plan_tasks(tasks, task_files, data_root, include_paths)
+    if plan is None:
+        plan = plan_tasks(tasks, task_files, data_root, include_paths)
+    if samples is not None and limit is not None:
+        raise MedmergeError("pass either limit or samples (chosen documents per task), not both")
 
     if not verbose:
         for name in ("lm_eval", "lm-eval", "datasets", "transformers"):
@@ -391,7 +398,7 @@ def evaluate(
     git_hash, lm_eval.evaluator.get_git_commit_hash = lm_eval.evaluator.get_git_commit_hash, lambda: None
     try:
         raw = simple_evaluate(
-            model=lm, tasks=plan.specs, task_manager=manager, limit=limit, gen_kwargs=gen or None,
+            model=lm, tasks=plan.specs, task_manager=manager, limit=limit, samples=samples, gen_kwargs=gen or None,
             apply_chat_template=apply_template, system_instruction=system_prompt, log_samples=log_samples,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
             bootstrap_iters=1000,
@@ -429,7 +436,8 @@ def evaluate(
         "config": {
             "tasks": plan.names, "task_files": {n: str(t.source) for n, t in plan.task_files.items()},
             "include_paths": [str(p) for p in include_paths],
-            "data_dir": str(data_root) if data_root else None, "limit": limit, "batch_size": batch_size,
+            "data_dir": str(data_root) if data_root else None, "limit": limit,
+            "samples": {t: len(v) for t, v in samples.items()} if samples else None, "batch_size": batch_size,
             "device": device, "dtype": dtype, "seed": seed, "gen_kwargs": gen or None,
             "chat_template": chat_template, "num_fewshot": {t: c.get("num_fewshot") for t, c in configs.items()},
         },

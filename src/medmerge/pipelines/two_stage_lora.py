@@ -17,8 +17,6 @@ Every step writes into OUT/; a step whose output exists is reused on a re-run
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError, InputError
+from .common import EvalSettings, WorldSettings, expand, prepare_world, relative_to, resolve_eval_paths
 from ..training.config import (
     DataConfig,
     LoraSettings,
@@ -40,12 +39,6 @@ from ..training.config import (
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class WorldSettings(_Strict):
-    preset: str = "quick"
-    seed: int = 0
-    dir: Optional[Path] = None  # an already built world (`medmerge miniclinic build`) instead of OUT/world
 
 
 class StageSettings(_Strict):
@@ -63,16 +56,7 @@ class MergeSettings(_Strict):
     keep: bool = True  # keep the merged checkpoints (else deleted after evaluation)
 
 
-class EvalSettings(_Strict):
-    tasks: list[str]
-    include_paths: list[Path] = []
-    task_files: list[Path] = []
-    data_dir: Optional[Path] = None
-    limit: Optional[float] = None
-    batch_size: int = 8
-    device: str = "auto"
-    max_new_tokens: Optional[int] = None
-    chat_template: str = "auto"
+class PipelineEvalSettings(EvalSettings):
     references: bool = True  # also evaluate the base and the PT adapter alone (w_PT = 1)
     table_metrics: list[str] = []  # TASK/METRIC columns of results.md (default: every metric)
 
@@ -90,73 +74,24 @@ class TwoStageConfig(_Strict):
     pt: StageSettings
     sft: StageSettings
     merge: MergeSettings = MergeSettings()
-    eval: EvalSettings
+    eval: PipelineEvalSettings
     decoding: Optional[DecodingSettings] = None
     reasoning_pattern: str = r"<think>.*?</think>"
-
-
-_VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")
-
-
-def _expand(value, variables: dict[str, str]):
-    if isinstance(value, str):
-        def sub(m):
-            key = m.group(1) or m.group(2)
-            if key in variables:
-                return variables[key]
-            if key in os.environ:
-                return os.environ[key]
-            raise ConfigError(f"${{{key}}} is not set: export it, or use ${{world}} with a world: section")
-        return _VAR.sub(sub, value)
-    if isinstance(value, list):
-        return [_expand(v, variables) for v in value]
-    if isinstance(value, dict):
-        return {k: _expand(v, variables) for k, v in value.items()}
-    return value
 
 
 def load(path: str | Path, out: Path, overrides: list[str] = ()) -> tuple[TwoStageConfig, dict]:
     """Read CONFIG, build the world if asked (into OUT/world), expand ${world} and $VARS, validate."""
     path = Path(path)
     raw = apply_overrides(read_yaml(path, "pipeline config"), list(overrides))
-    variables = {}
-    world_info = None
-    if raw.get("world"):
-        try:
-            ws = WorldSettings(**raw["world"])
-        except ValidationError as e:
-            raise ConfigError(f"{path}: world: {validation_message(e)}") from None
-        from ..miniclinic.build import build
-        from ..miniclinic.world import TASKS_DIR
-
-        if ws.dir is not None:
-            world_dir = ws.dir if ws.dir.is_absolute() else (path.parent / ws.dir).resolve()
-            if not (world_dir / "summary.json").is_file():
-                raise ConfigError(f"world.dir {world_dir} is not a built world (no summary.json); build it with "
-                                  "`medmerge miniclinic build`, or drop world.dir to build one into OUT/world")
-        else:
-            world_dir = out / "world"
-            if not (world_dir / "summary.json").is_file():
-                build(world_dir, preset=ws.preset, seed=ws.seed, force=True, progress=True)
-        variables = {"world": str(world_dir), "world_tasks": str(TASKS_DIR)}
-        summary = json.loads((world_dir / "summary.json").read_text())
-        world_info = {"dir": str(world_dir), "preset": summary.get("preset"), "seed": summary.get("seed"),
-                      "code_version": summary.get("code_version")}
-    raw = _expand(raw, variables)
-    root = path.parent
-
-    def rel(p):
-        return p if p is None or Path(p).is_absolute() else str((root / p).resolve())
+    variables, world_info = prepare_world(raw.get("world"), path, out)
+    raw = expand(raw, variables)
+    rel = relative_to(path.parent)
 
     raw["base"] = rel(raw.get("base"))
     for stage in ("pt", "sft"):
         if isinstance(raw.get(stage), dict) and isinstance(raw[stage].get("data"), dict):
             raw[stage]["data"]["path"] = rel(raw[stage]["data"].get("path"))
-    ev = raw.get("eval") or {}
-    for key in ("include_paths", "task_files"):
-        ev[key] = [rel(p) for p in ev.get(key) or []]
-    if ev.get("data_dir"):
-        ev["data_dir"] = rel(ev["data_dir"])
+    raw["eval"] = resolve_eval_paths(raw.get("eval"), rel)
     try:
         cfg = TwoStageConfig(**raw)
     except ValidationError as e:
@@ -213,10 +148,8 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
                 title="two-stage LoRA: training loss")
 
     ev = cfg.eval
-    eval_kwargs = dict(include_paths=ev.include_paths, task_files=ev.task_files, data_dir=ev.data_dir,
-                       limit=ev.limit, batch_size=ev.batch_size, device=ev.device, chat_template=ev.chat_template,
-                       seed=cfg.seed)
-    gen = {"max_new_tokens": ev.max_new_tokens} if ev.max_new_tokens else None
+    eval_kwargs = ev.kwargs(cfg.seed)
+    gen = eval_kwargs.pop("gen_kwargs")
 
     models: list[dict] = []
     if ev.references:
