@@ -405,6 +405,61 @@ def two_stage_lora_cmd(
     console.print(f"results: {out / 'results.json'}; wall time {results['wall_time_s']} s")
 
 
+@app.command("sweep")
+def sweep_cmd(
+    config: Path = typer.Argument(..., help="sweep YAML (see examples/sweep_miniclinic.yaml, docs/sweeps.md)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="KEY=VALUE overrides, e.g. eval.limit=50"),
+    out: Path = typer.Option(Path("runs/sweep"), "--out", help="run folder (sweep.jsonl, summary, plots, cache/)"),
+    search: Optional[str] = typer.Option(None, "--search", help="optuna: multi-objective search (the search: "
+                                         "section) instead of the grid"),
+    trials: Optional[int] = typer.Option(None, "--trials", help="optuna: completed trials the study stops at"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="optuna study storage shared by workers: "
+                                          "sqlite:///study.db or postgresql://... (default OUT/study.db)"),
+    worker: int = typer.Option(0, "--worker", help="this worker's index (distinct per worker; seeds its sampler)"),
+    export_best: Optional[Path] = typer.Option(None, "--export-best", help="write the best point's merge here"),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="result cache folder (default OUT/cache; share it "
+                                         "between sweeps of the same models)"),
+    force: bool = typer.Option(False, "--force", help="drop OUT's cached results and replace --export-best"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Merge in memory over a grid or an optuna search, evaluate each point, report the Pareto front and best."""
+    from .sweep.run import run
+
+    try:
+        summary = run(config, out, overrides=overrides or [], force=force, export_best=export_best,
+                      export_force=force, search=search, trials=trials, storage=storage, worker=worker, cache=cache,
+                      progress=not quiet)
+    except MedmergeError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted:[/] finished points are cached in OUT/cache; run again to resume")
+        raise typer.Exit(130)
+    Console().print((out / "sweep.md").read_text())
+    e = summary["evaluations"]
+    console.print(f"{summary['points']} points, {e['run']} evaluations run, {e['cached']} from cache -> {out}")
+    if summary.get("exported"):
+        console.print(f"best merge written to {summary['exported']['path']}")
+
+
+@app.command("fewshot")
+def fewshot_cmd(
+    config: Path = typer.Argument(..., help="few-shot YAML (see examples/fewshot_miniclinic.yaml)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="KEY=VALUE overrides, e.g. k=[16,64]"),
+    out: Path = typer.Option(Path("runs/fewshot"), "--out", help="run folder; an interrupted run continues"),
+    force: bool = typer.Option(False, "--force", help="start over in OUT"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Fine-tune each starting point (instruct, a merge) on k examples; plot score against k; test the claim."""
+    from .fewshot import run
+
+    try:
+        result = run(config, out, overrides=overrides or [], force=force, progress=not quiet)
+    except MedmergeError as e:
+        _fail(e)
+    Console().print((out / "fewshot.md").read_text())
+    console.print(f"results: {out / 'fewshot.json'}; plot {out / 'fewshot.png'}; wall time {result['wall_time_s']} s")
+
+
 analyze_app = typer.Typer(no_args_is_help=True, help="Decoding sensitivity, reasoning leakage, loss curves.")
 app.add_typer(analyze_app, name="analyze")
 

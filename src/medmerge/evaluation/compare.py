@@ -87,6 +87,12 @@ def _mean(values: list[Optional[float]]) -> Optional[float]:
     return sum(values) / len(values)
 
 
+def summary_scores(results: dict, if_metric: str, clinical_parts: Sequence[str]) -> dict:
+    """{if_score, clinical_score} of one results dict (0-100 scale; None where a part is missing)."""
+    return {"if_score": pick(results, if_metric),
+            "clinical_score": _mean([pick(results, p) for p in clinical_parts]) if clinical_parts else None}
+
+
 def compare(
     results: Sequence[str | Path],
     references: dict[str, str | Path],
@@ -124,7 +130,7 @@ def compare(
         notes.append("no clinical task is shared by all inputs: the clinical score is undefined")
 
     def summary(res: dict) -> dict:
-        return {"if_score": pick(res, if_metric), "clinical_score": _mean([pick(res, p) for p in parts]) if parts else None}
+        return summary_scores(res, if_metric, parts)
 
     by_name = {name: res for name, _, res in entries}
     ref_summary = {name: summary(by_name[name]) for name in references}

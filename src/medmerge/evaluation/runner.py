@@ -8,6 +8,8 @@ results file with plain metric names. Schema: docs/evaluation.md.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
@@ -337,9 +339,11 @@ def evaluate(
     allow_pickle: bool = False,
     verbose: bool = False,
     plan: Optional[TaskPlan] = None,
+    quiet: bool = False,
 ) -> dict:
     """Evaluate `model` (a local folder or a loaded transformers model) on `tasks`; write OUT/results.json.
 
+    `quiet` hides lm-eval's per-request progress bars (callers with their own progress display).
     `samples` ({task: [doc index, ...]}, lm-eval's option) evaluates chosen documents instead of
     `limit`'s first ones. `plan` reuses a `plan_tasks` result (and its loaded task index) across calls.
     Returns the results dict (also when `out` is None, in which case nothing is written).
@@ -397,12 +401,13 @@ def evaluate(
     # "fatal: not a git repository" outside one; medmerge records library versions instead.
     git_hash, lm_eval.evaluator.get_git_commit_hash = lm_eval.evaluator.get_git_commit_hash, lambda: None
     try:
-        raw = simple_evaluate(
-            model=lm, tasks=plan.specs, task_manager=manager, limit=limit, samples=samples, gen_kwargs=gen or None,
-            apply_chat_template=apply_template, system_instruction=system_prompt, log_samples=log_samples,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-            bootstrap_iters=1000,
-        )
+        with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+            raw = simple_evaluate(
+                model=lm, tasks=plan.specs, task_manager=manager, limit=limit, samples=samples,
+                gen_kwargs=gen or None, apply_chat_template=apply_template, system_instruction=system_prompt,
+                log_samples=log_samples, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                fewshot_random_seed=seed, bootstrap_iters=1000,
+            )
     except MedmergeError:
         raise
     except Exception as e:  # lm-eval's own failures: say which task and how to proceed
