@@ -460,6 +460,22 @@ def fewshot_cmd(
     console.print(f"results: {out / 'fewshot.json'}; plot {out / 'fewshot.png'}; wall time {result['wall_time_s']} s")
 
 
+@app.command("report")
+def report_cmd(
+    run: Path = typer.Argument(..., help="a run folder: medmerge demo, sweep, fewshot or pipeline output"),
+    title: Optional[str] = typer.Option(None, "--title", help="the report's title"),
+    force: bool = typer.Option(False, "--force", help="replace an existing report.html / report.md"),
+) -> None:
+    """Write RUN/report.html (self-contained, images embedded) and RUN/report.md."""
+    from .report import write_report
+
+    try:
+        info = write_report(run, title=title, force=force)
+    except MedmergeError as e:
+        _fail(e)
+    console.print(f"{len(info['sections'])} sections, {info['images']} images -> {info['html']} and {info['md']}")
+
+
 analyze_app = typer.Typer(no_args_is_help=True, help="Decoding sensitivity, reasoning leakage, loss curves.")
 app.add_typer(analyze_app, name="analyze")
 
