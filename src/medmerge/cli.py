@@ -311,17 +311,21 @@ def miniclinic_build_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="where the demo writes its models"),
-    force: bool = typer.Option(True, "--force/--no-force", help="replace an earlier demo run"),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="the demo's run folder (world, sweep, fewshot, report)"),
+    preset: str = typer.Option("quick", "--preset", help="quick (<= 4 min on 2 cores) or full (<= 15 min)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the world, the merges and the fine-tuning"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
-    """Build tiny models, merge them with several methods and verify each merge."""
+    """The whole experiment on the synthetic clinical world: forgetting, merge sweep, few-shot, report."""
     from .demo import run_demo
 
     try:
-        run_demo(out, force=force)
+        run_demo(out, preset=preset, seed=seed, progress=not quiet)
     except MedmergeError as e:
         _fail(e)
-
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted:[/] finished steps are kept in OUT; run again to continue")
+        raise typer.Exit(130)
 
 
 adapters_app = typer.Typer(no_args_is_help=True, help="LoRA adapters: exact weighted merges.")

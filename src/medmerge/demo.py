@@ -1,73 +1,158 @@
-"""The embedded default: build tiny models, merge them with several methods, verify.
+"""`medmerge demo`: the whole experiment on the embedded synthetic clinical world, ending in a report.
 
-(Until the synthetic clinical world exists, this is the main job of `make demo`.)
+1. build (or copy from the cache) the world: base, instruct, clinical, instruct_ft;
+2. sweep linear, SLERP, task arithmetic, TIES and DARE-TIES merges of clinical x instruct
+   in memory, with base and instruct_ft as references: the forgetting (instruct vs
+   instruct fine-tuned on the clinical task), the Pareto front, the best merge that keeps
+   at least half of instruct's instruction following;
+3. the few-shot experiment: instruct and that merge fine-tuned on 16, 64 and 256 examples;
+4. report.html / report.md, a short table on the terminal.
+
+Everything is written as configs under OUT/configs first, then run by the same commands
+users run (`medmerge sweep`, `medmerge fewshot`, `medmerge report`).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
-from .merge import merge
-from .tiny import make_model
-from .verify import verify
-
-DEMO_METHODS = {
-    "linear": {"models": [("clinical", {"weight": 0.5}), ("instruct", {"weight": 0.5})]},
-    "slerp": {"base": "instruct", "models": [("instruct", {}), ("clinical", {})], "parameters": {"t": [0.2, 0.8]}},
-    "task_arithmetic": {"base": "base", "models": [("clinical", {"weight": 0.6}), ("instruct", {"weight": 0.6})]},
-    "ties": {"base": "base", "models": [("clinical", {"weight": 1.0, "density": 0.5}), ("instruct", {"weight": 1.0, "density": 0.5})]},
-    "dare_ties": {"base": "base", "models": [("clinical", {"weight": 1.0, "density": 0.6}), ("instruct", {"weight": 1.0, "density": 0.6})]},
+TASKS = ["mm_miniclinic_if", "mm_miniclinic_mcq", "mm_miniclinic_gen"]
+SCORES = {"if_metric": "mm_miniclinic_if/prompt_level_strict_acc",
+          "clinical_metrics": ["mm_miniclinic_mcq/acc", "mm_miniclinic_gen/rougeL"]}
+GRID = [
+    {"method": "linear", "t": [0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9]},
+    {"method": "slerp", "t": [0.1, 0.2, 0.3, 0.5, 0.7]},
+    {"method": "task_arithmetic", "t": [0.1, 0.3, 0.5]},
+    {"method": "ties", "t": [0.1, 0.3, 0.5, 0.7], "density": [0.5]},
+    {"method": "dare_ties", "t": [0.1, 0.3, 0.5, 0.7], "density": [0.5]},
+]
+PRESETS = {
+    # eval documents per task, few-shot steps (the same for every k and start)
+    "quick": {"limit": 50, "fewshot_steps": 30},
+    "full": {"limit": 100, "fewshot_steps": 60},
 }
+IF_RETENTION_MIN = 50.0
 
 
-def demo_config(method: str, paths: dict[str, Path]) -> dict:
-    spec = DEMO_METHODS[method]
-    cfg = {
-        "merge_method": method,
-        "models": [{"model": str(paths[m]), **({"parameters": p} if p else {})} for m, p in spec["models"]],
-        "dtype": "float32",
-        "random_seed": 7,
+def _eval_section(world: Path, limit: int) -> dict:
+    from .miniclinic.world import TASKS_DIR
+
+    return {"tasks": TASKS, "include_paths": [str(TASKS_DIR)], "data_dir": str(world / "data"), "limit": limit,
+            "batch_size": 32, "max_new_tokens": 48, "device": "cpu"}
+
+
+def sweep_config(world: Path, limit: int, seed: int) -> dict:
+    models = {m: str(world / "models" / m) for m in ("base", "clinical", "instruct", "instruct_ft")}
+    return {"models": models, "references": ["instruct", "clinical", "base", "instruct_ft"], "grid": GRID,
+            "eval": _eval_section(world, limit), "scores": SCORES,
+            "select": {"if_retention_min": IF_RETENTION_MIN, "maximize": "clinical"}, "seed": seed, "device": "cpu"}
+
+
+def fewshot_config(world: Path, sweep_dir: Path, limit: int, steps: int, seed: int) -> dict:
+    return {
+        "starts": {"instruct": str(world / "models" / "instruct"), "merged": {"sweep": str(sweep_dir)}},
+        "data": {"path": str(world / "data" / "tasks" / "gen_train.jsonl"), "prompt": "prompt",
+                 "response": "impression"},
+        "k": [16, 64, 256], "seed": seed, "max_seq_length": 128,
+        "training": {"max_steps": steps, "batch_size": 16, "lr": 2e-3, "warmup_ratio": 0.05,
+                     "logging_steps": max(1, steps // 10), "save_steps": 10 ** 9, "threads": 2, "device": "cpu"},
+        "eval": _eval_section(world, limit), "scores": SCORES,
+        "claim": {"model": "merged", "k": 64, "versus": "instruct", "versus_k": 256, "tolerance": 1.0},
     }
-    if "base" in spec:
-        cfg["base_model"] = str(paths[spec["base"]])
-    if "parameters" in spec:
-        cfg["parameters"] = spec["parameters"]
-    return cfg
 
 
-def run_demo(out: Path, force: bool = True) -> list[dict]:
+def forgetting(summary: dict) -> dict:
+    refs = summary["references"]
+    before, after = refs["instruct"], refs["instruct_ft"]
+    kept = 100 * after["if_score"] / before["if_score"] if before["if_score"] else None
+    statement = (f"Fine-tuning on the clinical task moved instruction following from {before['if_score']:.1f} to "
+                 f"{after['if_score']:.1f}" + (f" ({kept:.0f}% kept)" if kept is not None else "")
+                 + f" and the clinical composite from {before['clinical_score']:.1f} to {after['clinical_score']:.1f}.")
+    return {"before": "instruct", "after": "instruct_ft", "if_metric": summary["if_metric"],
+            "clinical_metrics": summary["clinical_metrics"], "if_kept_pct": kept, "statement": statement,
+            "models": [{"name": n, "if_score": refs[n]["if_score"], "clinical_score": refs[n]["clinical_score"]}
+                       for n in ("base", "instruct", "instruct_ft", "clinical")]}
+
+
+def run_demo(out: str | Path = "runs/demo", preset: str = "quick", seed: int = 0, *, progress: bool = True) -> dict:
+    """Run the demo into OUT (re-runs reuse the world cache and the sweep's result cache)."""
+    from .errors import MedmergeError
+    from .fewshot import run as run_fewshot
+    from .miniclinic.build import build, code_version
+    from .report import write_report
+    from .sweep.run import run as run_sweep
+
+    if preset not in PRESETS:
+        raise MedmergeError(f"unknown preset {preset!r}; use quick or full")
+    p = PRESETS[preset]
     console = Console()
-    out = Path(out)
+    out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    models = out / "models"
-    base = models / "base"
-    if not (base / "config.json").is_file():
-        console.print("building tiny models (Llama-style, hidden 64, 2 layers)...")
-        make_model(base, seed=0, hidden=64, layers=2, vocab=256)
-        make_model(models / "clinical", base=base, seed=1)
-        make_model(models / "instruct", base=base, seed=2)
-    paths = {"base": base, "clinical": models / "clinical", "instruct": models / "instruct"}
-    rows = []
-    for method in DEMO_METHODS:
-        target = out / "merges" / method
-        result = merge(demo_config(method, paths), target, force=force, progress=False)
-        report = verify(target)
-        rows.append({
-            "method": method, "tensors": result.stats.tensors, "seconds": result.stats.seconds,
-            "verified": len(report.checked), "max_abs_error": max((c.max_abs for c in report.checked), default=0.0),
-            "ok": report.ok,
-        })
-    table = Table(title=f"medmerge demo: merges in {out / 'merges'}")
-    for col in ("method", "tensors", "merge s", "recomputed", "max abs error", "verified"):
+    started = time.perf_counter()
+    timings = {}
+
+    world = out / "world"
+    previous = json.loads((world / "summary.json").read_text()) if (world / "summary.json").is_file() else {}
+    if (previous.get("preset"), previous.get("seed"), previous.get("code_version")) != (preset, seed, code_version()):
+        console.print(f"[bold]1/4[/] the synthetic clinical world ({preset}; from the cache when built before)")
+        build(world, preset=preset, seed=seed, force=True, progress=progress)
+    timings["world"] = round(time.perf_counter() - started, 1)
+
+    configs = out / "configs"
+    configs.mkdir(exist_ok=True)
+    (configs / "sweep.yml").write_text(yaml.safe_dump(sweep_config(world, p["limit"], seed), sort_keys=False))
+    console.print("[bold]2/4[/] sweeping linear, SLERP, task arithmetic, TIES and DARE-TIES merges in memory")
+    t0 = time.perf_counter()
+    sweep = run_sweep(configs / "sweep.yml", out / "sweep", progress=progress)
+    timings["sweep"] = round(time.perf_counter() - t0, 1)
+
+    (configs / "fewshot.yml").write_text(yaml.safe_dump(
+        fewshot_config(world, out / "sweep", p["limit"], p["fewshot_steps"], seed), sort_keys=False))
+    console.print("[bold]3/4[/] few-shot fine-tuning of instruct and the best merge on 16, 64 and 256 examples")
+    t0 = time.perf_counter()
+    few = run_fewshot(configs / "fewshot.yml", out / "fewshot", force=True, progress=progress)
+    timings["fewshot"] = round(time.perf_counter() - t0, 1)
+
+    console.print("[bold]4/4[/] the report")
+    forget = forgetting(sweep)
+    best = sweep.get("best")
+    headline = [forget["statement"],
+                (f"Best merge keeping at least {IF_RETENTION_MIN:g}% of instruct's instruction following: "
+                 f"{best['label']} (IF {best['if_score']:.1f}, clinical {best['clinical_score']:.1f})." if best
+                 else f"No merge keeps {IF_RETENTION_MIN:g}% of instruct's instruction following."),
+                few["claim"]["measured"] if few.get("claim") else ""]
+    timings["total"] = round(time.perf_counter() - started, 1)
+    demo = {"schema": "medmerge.demo/1", "preset": preset, "seed": seed, "forgetting": forget, "best": best,
+            "fewshot_claim": few.get("claim"), "headline": [h for h in headline if h], "timings_s": timings,
+            "sweep": str(out / "sweep"), "fewshot": str(out / "fewshot")}
+    (out / "demo.json").write_text(json.dumps(demo, indent=2, default=str) + "\n")
+    report = write_report(out, title=f"medmerge demo ({preset} preset)", force=True)
+    demo["timings_s"]["total"] = round(time.perf_counter() - started, 1)
+    demo["report"] = report["html"]
+    (out / "demo.json").write_text(json.dumps(demo, indent=2, default=str) + "\n")
+    print_summary(console, demo, few)
+    return demo
+
+
+def print_summary(console: Console, demo: dict, few: dict) -> None:
+    table = Table(title="medmerge demo")
+    for col in ("model", "instruction following", "clinical composite"):
         table.add_column(col)
-    for r in rows:
-        table.add_row(r["method"], str(r["tensors"]), f"{r['seconds']:.3f}", str(r["verified"]),
-                      f"{r['max_abs_error']:.3g}", "yes" if r["ok"] else "NO")
+    for m in demo["forgetting"]["models"]:
+        table.add_row(m["name"], f"{m['if_score']:.1f}", f"{m['clinical_score']:.1f}")
+    b = demo.get("best")
+    if b:
+        table.add_row(f"best merge: {b['label']}", f"{b['if_score']:.1f}", f"{b['clinical_score']:.1f}")
+    for r in few["runs"]:
+        if (r["start"], r["k"]) in (("merged", 64), ("instruct", 256)):
+            table.add_row(f"{r['start']} + {r['k']} examples", f"{r['if_score']:.1f}", f"{r['clinical_score']:.1f}")
     console.print(table)
-    console.print(f"done in {time.perf_counter() - start:.1f}s")
-    return rows
+    for line in demo["headline"]:
+        console.print(line)
+    console.print(f"report: {demo['report']} (wall time {demo['timings_s']['total']:.0f} s)")

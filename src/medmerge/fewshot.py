@@ -26,6 +26,7 @@ Every step writes under OUT and is reused on a re-run (an interrupted run contin
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -166,6 +167,9 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
     out = Path(out).absolute()
     if force:
         check_output(out, True)
+        for stale in ("starts", "runs", "eval"):
+            shutil.rmtree(out / stale, ignore_errors=True)
+        (out / "fewshot.json").unlink(missing_ok=True)
     elif (out / "fewshot.json").is_file():
         raise InputError(f"{out} holds a finished few-shot run (fewshot.json); pass --force to run it again")
     out.mkdir(parents=True, exist_ok=True)
