@@ -10,7 +10,13 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from medmerge.tiny import make_model, tokenizer_words  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+
+import yaml  # noqa: E402
+
+from medmerge.evaluation import runner  # noqa: E402
+from medmerge.tiny import BASE_WORDS, make_model, tokenizer_words  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +61,44 @@ def vocab_family(tmp_path_factory) -> dict[str, Path]:
     other_words = other_words[:60] + [f"med{i}" for i in range(8)]
     other = make_model(root / "other", arch="llama", seed=31, hidden=32, layers=2, vocab=68, words=other_words)
     return {"base": base, "other": other}
+
+
+@pytest.fixture(scope="session")
+def sweep_family(tmp_path_factory) -> Path:
+    """A tiny base, a 'clinical' and an 'instruct' fine-tune, two small generation tasks, a sweep config."""
+    root = tmp_path_factory.mktemp("sweep")
+    base = make_model(root / "base", arch="llama", seed=0, hidden=32, layers=2, vocab=64, max_positions=256)
+    make_model(root / "clinical", base=base, seed=1, delta_scale=0.2)
+    make_model(root / "instruct", base=base, seed=2, delta_scale=0.2)
+    rng = random.Random(0)
+    for name, teacher in (("follow", "instruct"), ("clinic", "clinical")):
+        rows = [{"source": " ".join(rng.choice(BASE_WORDS) for _ in range(5)), "target": "x"} for _ in range(8)]
+        _write_task(root, name, rows)
+        # the targets are the teacher's own greedy answers, so scores move with t: the instruct model is
+        # perfect on tiny_follow, the clinical model on tiny_clinic
+        runner.evaluate(root / teacher, [], root / f"teach_{name}", task_files=[root / f"{name}.yaml"],
+                        chat_template="none", device="cpu", log_samples=True)
+        answers = [json.loads(line) for line in (root / f"teach_{name}" / "samples" / f"tiny_{name}.jsonl").open()]
+        for a in answers:
+            rows[a["doc_id"]]["target"] = a["response"].strip() or "x"
+        _write_task(root, name, rows)
+    cfg = {
+        "models": {"base": "base", "clinical": "clinical", "instruct": "instruct"},
+        "references": ["instruct", "clinical"],
+        "grid": [{"method": "linear", "t": [0.0, 0.5, 1.0]}],
+        "eval": {"task_files": ["follow.yaml", "clinic.yaml"], "batch_size": 4, "chat_template": "none"},
+        "scores": {"if_metric": "tiny_follow/rouge1", "clinical_metrics": ["tiny_clinic/rouge1", "tiny_clinic/bleu"]},
+        "select": {"if_retention_min": 0},
+        "dtype": "float32", "device": "cpu",
+    }
+    (root / "sweep.yaml").write_text(yaml.safe_dump(cfg))
+    return root
+
+
+def _write_task(root: Path, name: str, rows: list[dict]) -> None:
+    with open(root / f"{name}.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    (root / f"{name}.yaml").write_text(yaml.safe_dump({
+        "name": f"tiny_{name}", "data": f"{name}.jsonl", "input": "source", "target": "target",
+        "prompt": "{input}", "metrics": ["rouge", "bleu"], "max_new_tokens": 4}))
