@@ -102,3 +102,23 @@ def _write_task(root: Path, name: str, rows: list[dict]) -> None:
     (root / f"{name}.yaml").write_text(yaml.safe_dump({
         "name": f"tiny_{name}", "data": f"{name}.jsonl", "input": "source", "target": "target",
         "prompt": "{input}", "metrics": ["rouge", "bleu"], "max_new_tokens": 4}))
+
+
+@pytest.fixture(scope="session")
+def quick_world(tmp_path_factory) -> tuple[Path, Path]:
+    """The quick synthetic world built once per session with `medmerge miniclinic build` -> (root, cache).
+
+    root/world is the build; `cache` is its MEDMERGE_CACHE, so later builds (the demo's) copy it.
+    """
+    from typer.testing import CliRunner
+
+    from medmerge.cli import app
+
+    root = tmp_path_factory.mktemp("miniclinic")
+    cache = root / "cache"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MEDMERGE_CACHE", str(cache))
+    result = CliRunner().invoke(app, ["miniclinic", "build", str(root / "world"), "--preset", "quick", "-q"])
+    mp.undo()
+    assert result.exit_code == 0, result.output
+    return root, cache

@@ -12,15 +12,8 @@ from medmerge.miniclinic.build import MODELS
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("miniclinic")
-    cache = root / "cache"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MEDMERGE_CACHE", str(cache))
-    result = CliRunner().invoke(app, ["miniclinic", "build", str(root / "world"), "--preset", "quick", "-q"])
-    mp.undo()
-    assert result.exit_code == 0, result.output
-    return root, cache
+def built(quick_world) -> tuple[Path, Path]:
+    return quick_world
 
 
 def test_quick_world_summary_and_models(built):
