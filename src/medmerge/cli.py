@@ -420,6 +420,10 @@ def sweep_cmd(
     storage: Optional[str] = typer.Option(None, "--storage", help="optuna study storage shared by workers: "
                                           "sqlite:///study.db or postgresql://... (default OUT/study.db)"),
     worker: int = typer.Option(0, "--worker", help="this worker's index (distinct per worker; seeds its sampler)"),
+    limit: Optional[float] = typer.Option(None, "--limit", help="score each point on the first N documents of each "
+                                          "task (or a fraction < 1); overrides eval.limit"),
+    subset: Optional[int] = typer.Option(None, "--subset", help="score each point on a fixed, seeded dev subset of N "
+                                         "documents per task; overrides eval.subset"),
     export_best: Optional[Path] = typer.Option(None, "--export-best", help="write the best point's merge here"),
     cache: Optional[Path] = typer.Option(None, "--cache", help="result cache folder (default OUT/cache; share it "
                                          "between sweeps of the same models)"),
@@ -430,7 +434,9 @@ def sweep_cmd(
     from .sweep.run import run
 
     try:
-        summary = run(config, out, overrides=overrides or [], force=force, export_best=export_best,
+        overrides = list(overrides or []) + ([f"eval.limit={limit}"] if limit is not None else []) \
+            + ([f"eval.subset={subset}"] if subset is not None else [])
+        summary = run(config, out, overrides=overrides, force=force, export_best=export_best,
                       export_force=force, search=search, trials=trials, storage=storage, worker=worker, cache=cache,
                       progress=not quiet)
     except MedmergeError as e:
