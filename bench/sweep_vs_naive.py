@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -59,7 +58,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402  bench/_common.py
+import _common  # bench/_common.py
 
 ROOT, WORK = _common.ROOT, _common.WORK
 OUT = WORK / "sweep_vs_naive"
@@ -151,6 +150,13 @@ def naive_commands(world: Path, tasks_folder: Path, cfg: Path, merged: Path, le_
 
 WARMUP = ("import torch, transformers, lm_eval.evaluator, lm_eval.models.huggingface, mergekit.merge, "
           "medmerge.sweep.run, medmerge.evaluation.runner")
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 def steal_pct(fn):
@@ -293,15 +299,15 @@ def main() -> None:
     failed = False
 
     def run_medmerge() -> dict:
-        print("\n[medmerge sweep]", flush=True)
+        print(f"\n[medmerge sweep] (load average before: {loadavg()})", flush=True)
         r, steal = steal_pct(lambda: run_timed(mm_cmd, env, logs / "medmerge_sweep.log", args.timeout))
-        r["steal_pct"] = steal
+        r["steal_pct"], r["loadavg_after"] = steal, loadavg()
         print(f"  rc={r['rc']} wall={r['wall_s']:.1f}s cpu={r['user_s'] + r['sys_s']:.1f}s "
-              f"peak RSS={r['peak_rss_mb']:.0f} MB steal={steal}%", flush=True)
+              f"peak RSS={r['peak_rss_mb']:.0f} MB steal={steal}% load average after: {r['loadavg_after']}", flush=True)
         return r
 
     def run_naive() -> dict:
-        print("\n[naive loop: mergekit-yaml + lm_eval per point]", flush=True)
+        print(f"\n[naive loop: mergekit-yaml + lm_eval per point] (load average before: {loadavg()})", flush=True)
         points = []
 
         def loop():
@@ -331,9 +337,11 @@ def main() -> None:
                  "children_wall_s": round(sum(r["wall_s"] for r in runs), 3),
                  "user_s": round(sum(r["user_s"] for r in runs), 2), "sys_s": round(sum(r["sys_s"] for r in runs), 2),
                  "peak_rss_mb": max((r["peak_rss_mb"] for r in runs), default=0.0), "steal_pct": steal,
+                 "loadavg_after": loadavg(),
                  "points": points}
         print(f"  total wall={wall:.1f}s cpu={total['user_s'] + total['sys_s']:.1f}s "
-              f"peak RSS={total['peak_rss_mb']:.0f} MB steal={steal}%", flush=True)
+              f"peak RSS={total['peak_rss_mb']:.0f} MB steal={steal}% load average after: {total['loadavg_after']}",
+              flush=True)
         return total
 
     if args.order == "medmerge-first":
