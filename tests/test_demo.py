@@ -42,3 +42,17 @@ def test_quick_demo_end_to_end(quick_world, tmp_path, monkeypatch):
     again = json.loads((out / "sweep" / "sweep_summary.json").read_text())
     assert again["evaluations"]["run"] == 0
     assert Path(json.loads((out / "demo.json").read_text())["report"]).is_file()
+
+
+def test_shipped_sweep_and_fewshot_examples_validate(quick_world, tmp_path):
+    from medmerge.fewshot import load as load_fewshot
+    from medmerge.sweep.config import load_config
+    from medmerge.sweep.points import expand_grid
+
+    world = quick_world[0] / "world"
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    cfg, info = load_config(examples / "sweep_miniclinic.yaml", tmp_path, [f"world.dir={world}"])
+    assert info["world"]["preset"] == "quick" and cfg.models["clinical"] == world / "models" / "clinical"
+    assert len(expand_grid(cfg.grid)) == 31 and cfg.search.layer_groups == 2
+    few, _ = load_fewshot(examples / "fewshot_miniclinic.yaml", tmp_path, [f"world.dir={world}"])
+    assert few.k == [16, 64, 256] and few.claim.k == 64 and few.claim.versus_k == 256

@@ -100,6 +100,7 @@ class SweepEvaluator:
         self.model = AutoModelForCausalLM.from_pretrained(
             str(self.models[load]), dtype=getattr(torch, self.dtype), trust_remote_code=False).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.models[load]))
+        self.load = load
         self.eval_kwargs = dict(eval_kwargs)
         self.eval_kwargs["device"] = device
         nltk_data.activate()
@@ -174,9 +175,10 @@ class SweepEvaluator:
 
     def _tokenizer_hash(self) -> str:
         h = hashlib.sha256()
-        for name in sorted(os.listdir(self.models[self.roles.general])):
+        folder = self.models[self.load]
+        for name in sorted(os.listdir(folder)):
             if name.startswith(("tokenizer", "special_tokens", "chat_template")):
-                h.update(name.encode() + (self.models[self.roles.general] / name).read_bytes())
+                h.update(name.encode() + (folder / name).read_bytes())
         return h.hexdigest()[:16]
 
     # --- selections -------------------------------------------------------------------------------------------
