@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError, InputError
+from .evaluation.compare import fmt_score as _f
 from .pipelines.common import EvalSettings, WorldSettings, expand, prepare_world, relative_to, resolve_eval_paths
 from .training.config import DataConfig, LoraSettings, TrainingSettings, apply_overrides, read_yaml, validation_message
 
@@ -237,10 +238,6 @@ def check_claim(cfg: FewshotConfig, runs: list[dict]) -> dict:
                 + ("the claim holds here." if holds else "the claim does not hold here." if holds is not None
                    else "undefined (a score is missing)."))
     return {**c.model_dump(), "scores": verdicts, "holds": holds, "statement": text, "measured": measured}
-
-
-def _f(v, digits: int = 1) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
 
 
 def render_markdown(result: dict) -> str:

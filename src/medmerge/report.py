@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import InputError, OutputExistsError
+from .evaluation.compare import fmt_score as _f
 
 
 @dataclass
@@ -30,10 +31,6 @@ class Section:
     tables: list[tuple[list[str], list[list[str]]]] = field(default_factory=list)
     images: list[tuple[Path, str]] = field(default_factory=list)  # (png, caption)
     code: list[tuple[str, str]] = field(default_factory=list)  # (caption, text)
-
-
-def _f(v, digits: int = 1) -> str:
-    return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, (int, float)) else str(v)
 
 
 def _read(path: Path) -> dict:

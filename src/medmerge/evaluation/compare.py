@@ -188,8 +188,15 @@ def compare(
     return report
 
 
+def fmt_score(v, digits: int = 1, missing: str = "-") -> str:
+    """A score for a table: fixed digits, `missing` for None; anything else as text."""
+    if v is None:
+        return missing
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) else str(v)
+
+
 def _fmt(v: Optional[float], digits: int = 2) -> str:
-    return "n/a" if v is None else f"{v:.{digits}f}"
+    return fmt_score(v, digits, missing="n/a")
 
 
 def render_markdown(report: dict) -> str:

@@ -21,7 +21,7 @@ from typing import Optional
 import yaml
 
 from ..errors import ConfigError, InputError
-from ..evaluation.compare import default_clinical_parts, summary_scores
+from ..evaluation.compare import default_clinical_parts, fmt_score as _f, summary_scores
 from .config import SweepConfig, load_config
 from .evaluator import Scored, SweepEvaluator
 from .points import Point, Roles, expand_grid
@@ -324,10 +324,6 @@ def _rule_text(cfg: SweepConfig, gen_ref) -> str:
         return f"maximise {goal}"
     return (f"maximise {goal} among merges whose instruction-following score is at least "
             f"{cfg.select.if_retention_min:g}% of {cfg.roles.general}'s ({_f(gen_ref)})")
-
-
-def _f(v, digits: int = 1) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
 
 
 def write_outputs(out: Path, rows: list[dict], summary: dict) -> None:
