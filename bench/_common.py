@@ -74,3 +74,21 @@ def shell(cmd: list[str]) -> str:
 
 def fmt(v, digits: int = 1) -> str:
     return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "-"
+
+
+def steal_pct(fn) -> tuple[object, float | None]:
+    """Run fn(); CPU steal as % of all CPU time meanwhile (from /proc/stat)."""
+
+    def read():
+        try:
+            vals = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+            return vals[7], sum(vals)
+        except (OSError, ValueError, IndexError):
+            return None
+
+    a = read()
+    out = fn()
+    b = read()
+    if not a or not b or b[1] == a[1]:
+        return out, None
+    return out, round(100.0 * (b[0] - a[0]) / (b[1] - a[1]), 1)

@@ -50,7 +50,7 @@ from pathlib import Path
 import _common  # bench/_common.py (the script's folder is on sys.path)
 
 ROOT, WORK = _common.ROOT, _common.WORK
-run_timed, shell, fmt = _common.run_timed, _common.shell, _common.fmt
+run_timed, shell, fmt, steal_pct = _common.run_timed, _common.shell, _common.fmt, _common.steal_pct
 BIN = Path(sys.executable).parent
 TASKS_DIR = ROOT / "src" / "medmerge" / "evaluation" / "tasks"
 SEED = 1234
@@ -209,22 +209,6 @@ with open(os.path.join(out, "results_api.json"), "w") as f:
 """.replace("SEED", str(SEED))
 
 
-def steal_pct(fn) -> tuple[object, float | None]:
-    """Run fn(); CPU steal as % of all CPU time meanwhile (from /proc/stat)."""
-
-    def read():
-        try:
-            vals = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-            return vals[7], sum(vals)
-        except (OSError, ValueError, IndexError):
-            return None
-
-    a = read()
-    out = fn()
-    b = read()
-    if not a or not b or b[1] == a[1]:
-        return out, None
-    return out, round(100.0 * (b[0] - a[0]) / (b[1] - a[1]), 1)
 
 
 # ----------------------------------------------------------------------------- results

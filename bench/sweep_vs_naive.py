@@ -63,7 +63,7 @@ import _common  # bench/_common.py
 ROOT, WORK = _common.ROOT, _common.WORK
 OUT = WORK / "sweep_vs_naive"
 BIN = Path(sys.executable).parent
-run_timed, shell, fmt = _common.run_timed, _common.shell, _common.fmt
+run_timed, shell, fmt, steal_pct = _common.run_timed, _common.shell, _common.fmt, _common.steal_pct
 TASKS = ("mm_miniclinic_if", "mm_miniclinic_mcq", "mm_miniclinic_gen")
 TOL = 1e-9
 
@@ -159,22 +159,6 @@ def loadavg() -> str:
         return "?"
 
 
-def steal_pct(fn):
-    """Run fn(); CPU steal as % of all CPU time meanwhile (/proc/stat), None if unknown."""
-
-    def read():
-        try:
-            vals = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-            return vals[7], sum(vals)
-        except (OSError, ValueError, IndexError):
-            return None
-
-    a = read()
-    out = fn()
-    b = read()
-    if not a or not b or b[1] == a[1]:
-        return out, None
-    return out, round(100.0 * (b[0] - a[0]) / (b[1] - a[1]), 1)
 
 
 # ----------------------------------------------------------------------------- results
@@ -187,7 +171,11 @@ def _num(v):
 
 
 def lm_eval_metrics(out: Path) -> tuple[dict, Path]:
-    """{task: {metric: value}} from the newest results_*.json under OUT (medmerge's names: 'acc,none' -> 'acc')."""
+    """{task: {metric: value}} from the newest results_*.json under OUT (medmerge's names: 'acc,none' -> 'acc').
+
+    Written here rather than calling medmerge.evaluation.runner.convert_results on purpose: the benchmark
+    checks medmerge's numbers against lm-eval's own file, so it reads that file independently (and this
+    process never imports medmerge, so the children's peak RSS is not inflated by it)."""
     files = sorted(out.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
     if not files:
         raise FileNotFoundError(f"no results_*.json under {out}")

@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .errors import ConfigError, InputError
+from .errors import InputError
 from .evaluation.compare import fmt_score as _f
-from .pipelines.common import EvalSettings, WorldSettings, expand, prepare_world, relative_to, resolve_eval_paths
-from .training.config import DataConfig, LoraSettings, TrainingSettings, apply_overrides, read_yaml, validation_message
+from .pipelines.common import EvalSettings, WorldSettings, read_experiment, resolve_eval_paths, validated
+from .training.config import DataConfig, LoraSettings, TrainingSettings
 
 SCHEMA = "medmerge.fewshot/1"
 
@@ -91,10 +91,7 @@ class FewshotConfig(_Strict):
 
 def load(path: str | Path, out: Path, overrides: list[str] = (), progress: bool = True) -> tuple[FewshotConfig, dict]:
     path = Path(path)
-    raw = apply_overrides(read_yaml(path, "few-shot config"), list(overrides))
-    variables, world = prepare_world(raw.get("world"), path, out, progress=progress)
-    raw = expand(raw, variables)
-    rel = relative_to(path.parent)
+    raw, rel, world = read_experiment(path, out, overrides, "few-shot config", progress)
     for name, start in (raw.get("starts") or {}).items():
         if isinstance(start, str):
             raw["starts"][name] = rel(start)
@@ -103,10 +100,7 @@ def load(path: str | Path, out: Path, overrides: list[str] = (), progress: bool 
     if isinstance(raw.get("data"), dict):
         raw["data"]["path"] = rel(raw["data"].get("path"))
     raw["eval"] = resolve_eval_paths(raw.get("eval"), rel)
-    try:
-        cfg = FewshotConfig(**raw)
-    except ValidationError as e:
-        raise ConfigError(f"{path}: {validation_message(e)}") from None
+    cfg = validated(FewshotConfig, raw, path)
     return cfg, {"world": world, "config_file": str(path.absolute())}
 
 

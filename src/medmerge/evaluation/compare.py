@@ -93,6 +93,18 @@ def summary_scores(results: dict, if_metric: str, clinical_parts: Sequence[str])
             "clinical_score": _mean([pick(results, p) for p in clinical_parts]) if clinical_parts else None}
 
 
+def relative_scores(s: dict, instruct: Optional[dict], clinical: Optional[dict]) -> dict:
+    """IF retention and clinical gain kept of summary scores `s` (the formulas above); None where undefined."""
+    retention = (100 * s["if_score"] / instruct["if_score"]
+                 if instruct and s["if_score"] is not None and instruct["if_score"] else None)
+    gain = None
+    if instruct and clinical and None not in (s["clinical_score"], instruct["clinical_score"], clinical["clinical_score"]):
+        span = clinical["clinical_score"] - instruct["clinical_score"]
+        if abs(span) > 1e-9:
+            gain = 100 * (s["clinical_score"] - instruct["clinical_score"]) / span
+    return {"if_retention_pct": retention, "clinical_gain_kept_pct": gain}
+
+
 def compare(
     results: Sequence[str | Path],
     references: dict[str, str | Path],
@@ -156,16 +168,7 @@ def compare(
                 a, b = s[key], ref_summary[ref][key]
                 deltas[key] = None if a is None or b is None else a - b
             row["deltas"][ref] = deltas
-        row["if_retention_pct"] = (
-            100 * s["if_score"] / instruct["if_score"]
-            if instruct and s["if_score"] is not None and instruct["if_score"] else None
-        )
-        gain = None
-        if instruct and clinical and None not in (s["clinical_score"], instruct["clinical_score"], clinical["clinical_score"]):
-            span = clinical["clinical_score"] - instruct["clinical_score"]
-            if abs(span) > 1e-9:
-                gain = 100 * (s["clinical_score"] - instruct["clinical_score"]) / span
-        row["clinical_gain_kept_pct"] = gain
+        row.update(relative_scores(s, instruct, clinical))
         rows.append(row)
     if instruct and clinical and clinical["clinical_score"] is not None and instruct["clinical_score"] is not None \
             and abs(clinical["clinical_score"] - instruct["clinical_score"]) <= 1e-9:

@@ -112,3 +112,23 @@ def relative_to(root: Path):
     def rel(p):
         return p if p is None or Path(p).is_absolute() else str((root / p).resolve())
     return rel
+
+
+def read_experiment(path: Path, out: Path, overrides, what: str, progress: bool = True):
+    """Read an experiment YAML (+ KEY=VALUE overrides), build or find its world, expand variables.
+
+    Returns (raw dict, a resolver of relative paths against the file's folder, world info or None).
+    """
+    from ..training.config import apply_overrides, read_yaml
+
+    raw = apply_overrides(read_yaml(path, what), list(overrides))
+    variables, world = prepare_world(raw.get("world"), path, out, progress=progress)
+    return expand(raw, variables), relative_to(path.parent), world
+
+
+def validated(model: type[BaseModel], raw: dict, path: Path):
+    """`model(**raw)`, or a ConfigError naming the file and each bad key."""
+    try:
+        return model(**raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {validation_message(e)}") from None

@@ -23,17 +23,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError, InputError
-from .common import EvalSettings, WorldSettings, expand, prepare_world, relative_to, resolve_eval_paths
+from .common import EvalSettings, WorldSettings, read_experiment, resolve_eval_paths, validated
 from ..training.config import (
     DataConfig,
     LoraSettings,
     TrainingSettings,
-    apply_overrides,
-    read_yaml,
-    validation_message,
 )
 
 
@@ -82,20 +79,14 @@ class TwoStageConfig(_Strict):
 def load(path: str | Path, out: Path, overrides: list[str] = ()) -> tuple[TwoStageConfig, dict]:
     """Read CONFIG, build the world if asked (into OUT/world), expand ${world} and $VARS, validate."""
     path = Path(path)
-    raw = apply_overrides(read_yaml(path, "pipeline config"), list(overrides))
-    variables, world_info = prepare_world(raw.get("world"), path, out)
-    raw = expand(raw, variables)
-    rel = relative_to(path.parent)
+    raw, rel, world_info = read_experiment(path, out, overrides, "pipeline config")
 
     raw["base"] = rel(raw.get("base"))
     for stage in ("pt", "sft"):
         if isinstance(raw.get(stage), dict) and isinstance(raw[stage].get("data"), dict):
             raw[stage]["data"]["path"] = rel(raw[stage]["data"].get("path"))
     raw["eval"] = resolve_eval_paths(raw.get("eval"), rel)
-    try:
-        cfg = TwoStageConfig(**raw)
-    except ValidationError as e:
-        raise ConfigError(f"{path}: {validation_message(e)}") from None
+    cfg = validated(TwoStageConfig, raw, path)
     if not cfg.merge.w_pt:
         raise ConfigError(f"{path}: merge.w_pt is empty")
     return cfg, {"world": world_info, "config_file": str(path.absolute())}

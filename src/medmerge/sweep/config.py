@@ -26,11 +26,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import ConfigError
-from ..pipelines.common import EvalSettings, WorldSettings, expand, prepare_world, relative_to, resolve_eval_paths
-from ..training.config import apply_overrides, read_yaml, validation_message
+from ..pipelines.common import EvalSettings, WorldSettings, read_experiment, resolve_eval_paths, validated
 
 
 class _Strict(BaseModel):
@@ -126,17 +125,11 @@ class SweepConfig(_Strict):
 def load_config(path: str | Path, out: Path, overrides: list[str] = (), progress: bool = True) -> tuple[SweepConfig, dict]:
     """Read SWEEP.yml (+ overrides), build or find the world, expand variables, resolve relative paths."""
     path = Path(path)
-    raw = apply_overrides(read_yaml(path, "sweep config"), list(overrides))
-    variables, world = prepare_world(raw.get("world"), path, out, progress=progress)
-    raw = expand(raw, variables)
-    rel = relative_to(path.parent)
+    raw, rel, world = read_experiment(path, out, overrides, "sweep config", progress)
     if isinstance(raw.get("models"), dict):
         raw["models"] = {k: rel(v) for k, v in raw["models"].items()}
     raw["eval"] = resolve_eval_paths(raw.get("eval"), rel)
-    try:
-        cfg = SweepConfig(**raw)
-    except ValidationError as e:
-        raise ConfigError(f"{path}: {validation_message(e)}") from None
+    cfg = validated(SweepConfig, raw, path)
     if not cfg.grid and cfg.search is None:
         raise ConfigError(f"{path}: nothing to do: add a `grid:` of points or a `search:` section")
     return cfg, {"world": world, "config_file": str(path.absolute())}

@@ -111,6 +111,7 @@ class SweepEvaluator:
                                self.eval_kwargs.get("include_paths", ()))
         self.tasks = list(self.plan.names)
         self._leaves, self._docs = self._load_docs()
+        self._hashes: dict[tuple, tuple[str, int]] = {}
         self._gen_hash = self._generation_hash()
 
     # --- documents and hashes ---------------------------------------------------------------------------------
@@ -147,6 +148,14 @@ class SweepEvaluator:
         return path.read_text() if path else task
 
     def _data_hash(self, task: str, sel: Selection) -> tuple[str, int]:
+        """Hash and count of the documents `sel` picks from `task` (the same for every point: computed once)."""
+        picked = None if sel.samples is None else tuple(tuple(sel.samples.get(leaf, ())) for leaf in self._leaves[task])
+        key = (task, sel.limit, picked)
+        if key not in self._hashes:
+            self._hashes[key] = self._hash_documents(task, sel)
+        return self._hashes[key]
+
+    def _hash_documents(self, task: str, sel: Selection) -> tuple[str, int]:
         h = hashlib.sha256(self._task_definition(task).encode())
         n = 0
         for leaf in self._leaves[task]:

@@ -21,7 +21,7 @@ from typing import Optional
 import yaml
 
 from ..errors import ConfigError, InputError
-from ..evaluation.compare import default_clinical_parts, fmt_score as _f, summary_scores
+from ..evaluation.compare import default_clinical_parts, fmt_score as _f, relative_scores, summary_scores
 from .config import SweepConfig, load_config
 from .evaluator import Scored, SweepEvaluator
 from .points import Point, Roles, expand_grid
@@ -81,16 +81,8 @@ class Scorer:
 
 def add_relative(rows: list[dict], refs: dict[str, dict], roles: Roles) -> None:
     """IF retention and clinical gain kept (compare's formulas) relative to the general and domain references."""
-    gen, dom = refs.get(roles.general), refs.get(roles.domain)
     for r in rows:
-        r["if_retention_pct"] = (100 * r["if_score"] / gen["if_score"]
-                                 if gen and r["if_score"] is not None and gen["if_score"] else None)
-        gain = None
-        if gen and dom and None not in (r["clinical_score"], gen["clinical_score"], dom["clinical_score"]):
-            span = dom["clinical_score"] - gen["clinical_score"]
-            if abs(span) > 1e-9:
-                gain = 100 * (r["clinical_score"] - gen["clinical_score"]) / span
-        r["clinical_gain_kept_pct"] = gain
+        r.update(relative_scores(r, refs.get(roles.general), refs.get(roles.domain)))
 
 
 def t_value(row: dict):
