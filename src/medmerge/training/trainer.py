@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 from ..errors import ConfigError, InputError, MedmergeError
 from ..io.fingerprint import fingerprint
@@ -82,6 +82,7 @@ class LogCallback:
 
         self.callback = _CB()
         self.path = path
+        self.extra_keys = ("nll", "orth_penalty")  # a recipe's own loss terms, when its trainer logs them
         self.rows: list[dict] = []
         self._last = (time.perf_counter(), 0)
 
@@ -92,7 +93,8 @@ class LogCallback:
         dt = now - self._last[0]
         row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "loss": logs["loss"],
                "learning_rate": logs.get("learning_rate"), "tokens_seen": seen,
-               "tokens_per_s": round((seen - self._last[1]) / dt, 1) if dt > 0 else None}
+               "tokens_per_s": round((seen - self._last[1]) / dt, 1) if dt > 0 else None,
+               **{k: logs[k] for k in self.extra_keys if k in logs}}
         self._last = (now, seen)
         self.rows.append(row)
         with open(self.path, "a", encoding="utf-8") as f:
@@ -142,9 +144,39 @@ def _load_model(cfg: TrainConfig, device: str):
     return model
 
 
+def load_data(tokenizer, parts: Sequence[TrainConfig]) -> tuple[list[dict], dict, Optional[dict]]:
+    """Tokenised examples of one or more data sets (each with its own stage, columns and k-shot subset).
+
+    Returns (examples, data record, k-shot record); with several parts both records list one entry per part.
+    """
+    examples, data, shots = [], [], []
+    for part in parts:
+        rows = read_records(part.data)
+        check_columns(rows, part)
+        rows, chosen = select_k(rows, part)
+        part_examples, stats = build_examples(tokenizer, rows, part)
+        examples += part_examples
+        data.append({"path": str(part.data.path), "sha256": data_path_sha256(part.data.path), "stage": part.stage,
+                     **stats})
+        shots.append(None if chosen is None else {"k": part.k_shot, "seed": part.seed, "label": part.data.label,
+                                                  "indices": chosen})
+    if len(parts) == 1:
+        return examples, data[0], shots[0]
+    return examples, {"parts": data, "examples": len(examples)}, (shots if any(shots) else None)
+
+
 def train(cfg: TrainConfig, out: str | Path, *, force: bool = False, resume: bool = False,
-          progress: bool = True, callbacks: tuple = ()) -> TrainResult:
-    """Run one training stage described by `cfg` and write its result to `out`."""
+          progress: bool = True, callbacks: tuple = (), data_parts: Sequence[TrainConfig] = (),
+          build_model: Optional[Callable] = None, save_model: Optional[Callable] = None,
+          trainer_class: Optional[type] = None, record_extra: Optional[dict] = None) -> TrainResult:
+    """Run one training stage described by `cfg` and write its result to `out`.
+
+    Hooks for recipes built on this trainer (MedCare): `data_parts` trains on the union of several data
+    sets (default: `cfg` alone); `build_model(cfg, device)` returns the model to train (default: the base,
+    with a fresh LoRA adapter when `cfg.lora`); `save_model(model, folder)` writes it (default:
+    `save_pretrained`); `trainer_class` replaces transformers' Trainer (e.g. to add a loss term);
+    `record_extra` is merged into medmerge_train.json.
+    """
     import torch
     from transformers import AutoTokenizer, Trainer, TrainingArguments
 
@@ -156,15 +188,12 @@ def train(cfg: TrainConfig, out: str | Path, *, force: bool = False, resume: boo
     base_path = check_base(cfg)
     base_fp = fingerprint(base_path)
     previous = check_previous_adapter(cfg, base_fp)
-    rows = read_records(cfg.data)
-    check_columns(rows, cfg)
-    rows, chosen = select_k(rows, cfg)
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     tokenizer = AutoTokenizer.from_pretrained(str(base_path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    examples, stats = build_examples(tokenizer, rows, cfg)
+    examples, data_record, k_shot_record = load_data(tokenizer, list(data_parts) or [cfg])
     device = cfg.training.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -182,7 +211,7 @@ def train(cfg: TrainConfig, out: str | Path, *, force: bool = False, resume: boo
     from transformers import set_seed
 
     set_seed(cfg.seed)  # before the adapter is created: its random A init comes from the recorded seed
-    model = _load_model(cfg, device)
+    model = (build_model or _load_model)(cfg, device)
     t = cfg.training
     args = TrainingArguments(
         output_dir=str(work), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
@@ -196,7 +225,7 @@ def train(cfg: TrainConfig, out: str | Path, *, force: bool = False, resume: boo
     log = LogCallback(work / "train_log.jsonl")
     if not resume and log.path.exists():
         log.path.unlink()
-    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=PadCollator(tokenizer.pad_token_id),
+    trainer = (trainer_class or Trainer)(model=model, args=args, train_dataset=examples, data_collator=PadCollator(tokenizer.pad_token_id),
                       callbacks=[log.callback, *callbacks])
     if not progress:
         from transformers.trainer_callback import PrinterCallback
@@ -214,24 +243,28 @@ def train(cfg: TrainConfig, out: str | Path, *, force: bool = False, resume: boo
         "kind": "lora_adapter" if cfg.lora else "full_model",
         "base": {"path": str(base_path), "fingerprint": base_fp},
         "after_adapter": previous,
-        "data": {"path": str(cfg.data.path), "sha256": data_path_sha256(cfg.data.path), **stats},
-        "k_shot": None if chosen is None else {"k": cfg.k_shot, "seed": cfg.seed, "label": cfg.data.label,
-                                                "indices": chosen},
+        "data": data_record,
+        "k_shot": k_shot_record,
         "result": {"steps": trainer.state.global_step, "train_loss": output.training_loss,
                    "seconds": round(seconds, 2), "tokens_seen": tokens,
                    "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None},
         "seed": cfg.seed,
         "config": cfg.model_dump(mode="json"),
         "versions": _versions(),
+        **(record_extra or {}),
     }
     with atomic_output_dir(out, force=force) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        if save_model is not None:
+            save_model(model, tmp)
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / "train_config.yml").write_text(dump_config(cfg))
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         shutil.copyfile(log.path, tmp / "train_log.jsonl") if log.path.exists() else (tmp / "train_log.jsonl").touch()
         if rows_logged:
-            plot_loss(rows_logged, tmp / "loss.png", f"{cfg.stage} {'LoRA' if cfg.lora else 'full'}: {cfg.data.path.name}")
+            plot_loss(rows_logged, tmp / "loss.png", record.get("title")
+                      or f"{cfg.stage} {'LoRA' if cfg.lora else 'full'}: {cfg.data.path.name}")
     shutil.rmtree(work, ignore_errors=True)
     loss = output.training_loss if output.training_loss is not None else math.nan
     return TrainResult(out, trainer.state.global_step, loss, seconds, record["result"]["tokens_per_s"] or 0.0, record)

@@ -1,0 +1,176 @@
+"""`medmerge medcare stage1|stage2`: the two MedCare training stages, on medmerge's trainer.
+
+Stage 1 (knowledge aggregation): the model to adapt (e.g. a general instruct model)
+gets attention LoRA and, on the FFN projections, the knowledge aggregator plus the
+routed noise experts; it trains on knowledge-intensive and alignment data (loss on
+assistant tokens; plain-text data sets train on every token).
+
+Stage 2 (alignment): the stage-1 attention LoRA is merged into the base weights and
+frozen, the router and noise experts are dropped, and an alignment module is added
+next to the knowledge aggregator (which starts from stage 1's tensors). Both train
+on alignment data with loss = NLL + lambda * sum |A_KA A_AM^T|_1.
+
+Everything else is the trainer's: data formats, k-shot subsets, seeds, checkpoints
+and --resume, train_log.jsonl (with `nll` and `orth_penalty` in stage 2), loss.png,
+medmerge_train.json and the atomic output folder. The run folder holds the MedCare
+tensors (medcare_model.safetensors) and medcare_config.json, not the base weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import InputError
+from ..io.fingerprint import fingerprint
+from ..training.config import DataConfig, TrainConfig
+from ..training.trainer import TrainResult, train
+from .config import Stage1Config, Stage2Config
+from .layer import MedCareLinear
+from .model import WEIGHTS_FILE, MedCareModel, build_from_run, read_run
+
+
+def trainer_class():
+    """transformers' Trainer with the orthogonality term added to the loss (and logged) when the model has one."""
+    from transformers import Trainer
+
+    class MedCareTrainer(Trainer):
+        orth_lambda: float = 0.0
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._aligned = [m for m in self.model.modules() if isinstance(m, MedCareLinear) and m.am_A is not None]
+            self._sums = [0.0, 0.0, 0]  # nll, penalty, micro-batches since the last log
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+            if self._aligned:
+                penalty = torch.stack([m.last_penalty for m in self._aligned]).sum()
+                for m in self._aligned:
+                    m.last_penalty = None
+                self._sums[0] += float(loss.detach())
+                self._sums[1] += float(penalty.detach())
+                self._sums[2] += 1
+                loss = loss + self.orth_lambda * penalty
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs and self._sums[2]:
+                logs["nll"] = round(self._sums[0] / self._sums[2], 6)
+                logs["orth_penalty"] = round(self._sums[1] / self._sums[2], 6)
+                self._sums = [0.0, 0.0, 0]
+            super().log(logs, *args, **kwargs)
+
+    return MedCareTrainer
+
+
+def data_parts(cfg: Stage1Config | Stage2Config, base: Path) -> list[TrainConfig]:
+    """One trainer config per data set of a stage (its own stage, columns and k-shot subset)."""
+    parts = []
+    for d in cfg.data:
+        data = DataConfig(**d.model_dump(exclude={"stage", "k_shot"}))
+        parts.append(TrainConfig(stage=d.stage, model=base, data=data, seed=cfg.seed, k_shot=d.k_shot,
+                                 chat_template=cfg.chat_template, max_seq_length=cfg.max_seq_length,
+                                 packing=cfg.packing, training=cfg.training))
+    return parts
+
+
+def _load_base(path: Path, bf16: bool):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16 if bf16 else torch.float32)
+
+
+def _run(cfg, parts: list[TrainConfig], out, make, stage: int, extra: dict, force, resume, progress,
+         callbacks) -> TrainResult:
+    """Train with `make()` -> MedCareModel as the model; save its tensors and medcare_config.json."""
+    holder: dict[str, MedCareModel] = {}
+
+    def build(_tc, _device):
+        holder["mc"] = make()
+        return holder["mc"].model
+
+    def save(_model, folder: Path) -> None:
+        holder["mc"].save(folder, extra=extra)
+
+    klass = trainer_class()
+    klass.orth_lambda = cfg.alignment.lambda_ if stage == 2 else 0.0
+    title = ("MedCare stage 1: knowledge aggregation" if stage == 1 else
+             f"MedCare stage 2: alignment (lambda {cfg.alignment.lambda_:g})")
+    return train(parts[0], out, force=force, resume=resume, progress=progress, callbacks=callbacks,
+                 data_parts=parts, build_model=build, save_model=save, trainer_class=klass,
+                 record_extra={"stage": f"medcare-stage{stage}", "kind": "medcare", "title": title,
+                               "medcare": extra})
+
+
+def run_stage1(cfg: Stage1Config, out: str | Path, *, force: bool = False, resume: bool = False,
+               progress: bool = True, callbacks: tuple = ()) -> TrainResult:
+    from ..evaluation.runner import check_model
+
+    base = check_model(cfg.model)
+    parts = data_parts(cfg, base)
+    extra = {"base": {"path": str(base), "fingerprint": fingerprint(base)}, "stage1": None,
+             "config": cfg.model_dump(mode="json", by_alias=True)}
+
+    def make() -> MedCareModel:
+        return MedCareModel.stage1(_load_base(base, cfg.training.bf16), cfg.modules, cfg.seed, where=str(base))
+
+    return _run(cfg, parts, out, make, 1, extra, force, resume, progress, callbacks)
+
+
+def stage1_base(cfg: Stage2Config, info: dict) -> Path:
+    """The base model of a stage-2 run: `model:` or the one stage 1 recorded, with stage 1's fingerprint."""
+    from ..evaluation.runner import check_model
+
+    recorded = info["base"]
+    base = check_model(cfg.model or Path(recorded["path"]))
+    if fingerprint(base) != recorded["fingerprint"]:
+        raise InputError(f"base model {base} is not the one stage 1 ({cfg.stage1}) trained on (fingerprint "
+                         f"{recorded['fingerprint'][:12]}... recorded, {fingerprint(base)[:12]}... found); "
+                         "point `model:` at that base")
+    return base
+
+
+def run_stage2(cfg: Stage2Config, out: str | Path, *, force: bool = False, resume: bool = False,
+               progress: bool = True, callbacks: tuple = ()) -> TrainResult:
+    from ..io.fingerprint import file_sha256
+
+    info, tensors = read_run(cfg.stage1)
+    if info["stage"] != 1:
+        raise InputError(f"stage1: {cfg.stage1} is a stage-{info['stage']} run; give the stage-1 run folder")
+    base = stage1_base(cfg, info)
+    parts = data_parts(cfg, base)
+    extra = {"base": info["base"],
+             "stage1": {"path": str(cfg.stage1), "sha256": file_sha256([cfg.stage1 / WEIGHTS_FILE])},
+             "config": cfg.model_dump(mode="json", by_alias=True)}
+
+    def make() -> MedCareModel:
+        mc = build_from_run(_load_base(base, cfg.training.bf16), info, tensors, where=str(cfg.stage1))
+        return mc.to_stage2(cfg.alignment, cfg.seed)
+
+    return _run(cfg, parts, out, make, 2, extra, force, resume, progress, callbacks)
+
+
+def load_run(run: str | Path, *, base: Optional[str | Path] = None, drop_noise: bool = False,
+             dtype: torch.dtype = torch.float32) -> MedCareModel:
+    """A saved stage-1 or stage-2 run as a MedCare model in memory (e.g. to evaluate it unfolded)."""
+    from ..evaluation.runner import check_model
+
+    run = Path(run)
+    info, tensors = read_run(run)
+    base_path = check_model(base or info["base"]["path"])
+    if fingerprint(base_path) != info["base"]["fingerprint"]:
+        raise InputError(f"base model {base_path} is not the one {run} was trained on (fingerprint mismatch); "
+                         "pass the right base")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=dtype)
+    mc = build_from_run(model, info, tensors, where=str(run))
+    if drop_noise:
+        for layer in mc.ffn_layers().values():
+            layer.drop_noise_experts()
+    model.eval()
+    return mc
