@@ -53,9 +53,12 @@ def check_architecture(model: nn.Module, spec: ModuleSettings, where: str) -> di
                 if n and not list(m.children()) and any(True for _ in m.parameters(recurse=False)):
                     kinds.setdefault(_leaf(n), type(m).__name__)
             names = ", ".join(f"{k} ({v})" for k, v in sorted(kinds.items()))
+            not_linear = [f"{t} is a {kinds[t]}" for t in missing if t in kinds]
             raise InputError(
                 f"{where}: MedCare needs {group} projections {', '.join(targets)} as linear layers (Llama/Qwen "
-                f"style); {', '.join(missing)} not found. The model's modules with weights: {names}. For another "
+                f"style); {', '.join(missing)} not found" + (f" ({'; '.join(not_linear)}, not nn.Linear)"
+                                                             if not_linear else "")
+                + f". The model's modules with weights: {names}. For another "
                 f"architecture, name its projections in modules.attention.target_modules / "
                 f"modules.ffn.target_modules")
     counts = {t: sum(_leaf(n) == t for n in found["attention"] + found["ffn"])
