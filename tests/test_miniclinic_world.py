@@ -1,5 +1,5 @@
 """MiniClinic's synthetic world: determinism, a consistent knowledge base, checked instruction data,
-held-out evaluation sets, the tokenizer, and the three lm-eval tasks end to end."""
+held-out evaluation sets, the alignment sets, the tokenizer, and the four lm-eval tasks end to end."""
 
 import json
 import re
@@ -11,7 +11,7 @@ from medmerge.miniclinic import tokenizer as tokmod
 from medmerge.miniclinic import world
 
 SMALL = world.WorldSpec(seed=7, n_conditions=12, general_docs=600, clinical_docs=400, sft_examples=300,
-                        if_eval_prompts=40, mcq_eval=40, gen_train=80, gen_eval=30)
+                        if_eval_prompts=40, mcq_eval=40, gen_train=80, gen_eval=30, align_train=60, align_eval=30)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,8 @@ def test_layout_and_report(small):
     assert c["general"]["documents"] == SMALL.general_docs == len(_lines(data / "corpora" / "general.txt"))
     assert c["clinical"]["documents"] == SMALL.clinical_docs == len(_lines(data / "corpora" / "clinical.txt"))
     assert c["sft"]["examples"] == SMALL.sft_examples == len(world.read_jsonl(data / "sft" / "instructions.jsonl"))
-    assert (c["eval"]["if"], c["eval"]["mcq"], c["eval"]["gen"]) == (40, 40, 30)
+    assert (c["eval"]["if"], c["eval"]["mcq"], c["eval"]["gen"], c["eval"]["align"]) == (40, 40, 30, 30)
+    assert c["align_train"]["examples"] == 60 == len(world.read_jsonl(data / "align" / "train.jsonl"))
     assert c["general"]["tokens"] > 10 * SMALL.general_docs and c["clinical"]["tokens"] > 10 * SMALL.clinical_docs
     assert json.loads((data / "world.json").read_text())["counts"] == c
     tok = world.load_tokenizer(data)
@@ -59,6 +60,7 @@ def test_presets():
     quick, full = world.PRESETS["quick"], world.PRESETS["full"]
     assert (quick.sft_examples, quick.if_eval_prompts, quick.mcq_eval, quick.gen_eval) == (1500, 100, 100, 100)
     assert (full.sft_examples, full.if_eval_prompts, full.mcq_eval, full.gen_eval) == (6000, 200, 200, 200)
+    assert (quick.align_train, quick.align_eval, full.align_train, full.align_eval) == (400, 100, 1000, 200)
     assert quick.general_docs < full.general_docs and quick.clinical_docs < full.clinical_docs
 
 
@@ -70,7 +72,8 @@ def test_same_seed_same_bytes_other_seed_other_world(small, tmp_path):
     a, b = _files(small["data"]), _files(tmp_path / "other" / "data")
     assert a.keys() == b.keys()
     for name in ("knowledge.json", "corpora/general.txt", "corpora/clinical.txt", "sft/instructions.jsonl",
-                 "eval/if.jsonl", "eval/mcq.jsonl", "eval/gen.jsonl", "tasks/gen_train.jsonl"):
+                 "eval/if.jsonl", "eval/mcq.jsonl", "eval/gen.jsonl", "tasks/gen_train.jsonl", "align/train.jsonl",
+                 "eval/align.jsonl"):
         assert a[name] != b[name], name
 
 
@@ -198,6 +201,82 @@ def test_if_eval_prompts_are_ifeval_rows_and_off_topic_answers_fail(small):
     assert verdict[0] is True and verdict[-1] is False  # lowercase alone would have passed
 
 
+# --- alignment sets: format-following findings -> impression ------------------------------------------------
+
+
+def test_every_align_example_passes_lm_evals_checkers(small):
+    from medmerge.miniclinic import align, ifcheck
+    from medmerge.miniclinic.evaltasks import if_results
+
+    data = small["data"]
+    kb = {c["name"]: c for c in _kb(data)["conditions"]}
+    rows = world.read_jsonl(data / "align" / "train.jsonl")
+    assert [r["id"] for r in rows] == list(range(len(rows)))
+    used = set()
+    for row in rows:
+        ids, kwargs = row["instruction_id_list"], row["kwargs"]
+        assert 2 <= len(ids) <= 3 and set(ids[:-1]) <= set(align.CONSTRAINTS)
+        assert ids[-1] == "keywords:existence" and kwargs[-1] == {"keywords": [row["condition"]]}
+        assert row["prompt"].startswith(f"Findings: {row['findings']} Impression: ")
+        for iid, kw in zip(ids[:-1], kwargs[:-1]):
+            assert ifcheck.describe(iid, kw) in row["prompt"]  # IFEval's own wording
+        assert all(ifcheck.follows(row["prompt"], row["response"], ids, kwargs)), row
+        c = kb[row["condition"]]
+        impression = f"the findings are consistent with {c['name']}. recommend the {c['test']}."
+        assert impression in row["response"].lower()  # the correct impression, reformatted
+        assert any(f in row["findings"].lower() for f in c["findings"])
+        used.update(ids)
+    assert used == set(align.CONSTRAINTS) | {"keywords:existence"}
+    for key, row in enumerate(rows[:20]):  # the evaluation path agrees
+        doc = {"key": key, **{k: row[k] for k in ("prompt", "instruction_id_list", "kwargs")}}
+        assert if_results(doc, [row["response"]])["prompt_level_strict_acc"] is True
+
+
+def test_align_eval_rows_need_the_right_condition_and_the_format(small):
+    import random
+
+    from medmerge.miniclinic import align, ifcheck, knowledge
+
+    data = small["data"]
+    kb = knowledge.KnowledgeBase.from_json(_kb(data))
+    rows = world.read_jsonl(data / "eval" / "align.jsonl")
+    assert [r["key"] for r in rows] == list(range(len(rows))) and len(rows) == SMALL.align_eval
+    assert {r["kwargs"][-1]["keywords"][0] for r in rows} == {c.name for c in kb.conditions}  # balanced
+    closings = ("Ask your doctor.",)
+    for r in rows:
+        assert set(r) == {"key", "prompt", "instruction_id_list", "kwargs"}
+        ids, kwargs = r["instruction_id_list"], r["kwargs"]
+        assert 2 <= len(ids) <= 3 and ids[-1] == "keywords:existence"
+        for iid, kw in zip(ids[:-1], kwargs[:-1]):
+            assert ifcheck.describe(iid, kw) in r["prompt"]
+        name = kwargs[-1]["keywords"][0]
+        assert name not in r["prompt"].lower()  # the findings do not name the condition: knowing it is the task
+        right = next(c for c in kb.conditions if c.name == name)
+        wrong = next(c for c in kb.conditions if c.name != name)
+        constraints = dict(zip(ids[:-1], kwargs[:-1]))
+        good = align.render(right, constraints, random.Random(0), closings)
+        assert all(ifcheck.follows(r["prompt"], good, ids, kwargs)), (r, good)
+        # the right format naming another condition fails on the hidden keyword only
+        other = align.render(wrong, constraints, random.Random(0), closings)
+        verdict = ifcheck.follows(r["prompt"], other, ids, kwargs)
+        assert verdict == [True] * (len(ids) - 1) + [False]
+    # the right condition in the wrong format fails on the format only
+    lower = next(r for r in rows if "change_case:english_lowercase" in r["instruction_id_list"])
+    right = next(c for c in kb.conditions if c.name == lower["kwargs"][-1]["keywords"][0])
+    plain = align.answer(right)
+    verdict = ifcheck.follows(lower["prompt"], plain, lower["instruction_id_list"], lower["kwargs"])
+    assert verdict[lower["instruction_id_list"].index("change_case:english_lowercase")] is False and verdict[-1]
+    assert not all(verdict)
+
+
+def test_align_sets_leave_the_rest_of_the_world_alone(small, tmp_path):
+    """The align sets come from their own streams: their sizes change no other file (nor the tokenizer)."""
+    world.generate(tmp_path, SMALL.replace(align_train=10, align_eval=5))
+    a, b = _files(small["data"]), _files(tmp_path / "data")
+    changed = {name for name in a.keys() | b.keys() if a.get(name) != b.get(name)}
+    assert changed == {"align/train.jsonl", "eval/align.jsonl", "world.json"}
+
+
 # --- held out ------------------------------------------------------------------------------------------
 
 
@@ -206,7 +285,7 @@ def test_evaluation_items_are_held_out(small):
     assert world.check_world(data) == []
     training = "\n".join(p.read_text(encoding="utf-8") for p in (
         data / "corpora" / "general.txt", data / "corpora" / "clinical.txt", data / "sft" / "instructions.jsonl",
-        data / "tasks" / "gen_train.jsonl"))
+        data / "tasks" / "gen_train.jsonl", data / "align" / "train.jsonl"))
     sft_prompts = {r["prompt"] for r in world.read_jsonl(data / "sft" / "instructions.jsonl")}
     for r in world.read_jsonl(data / "eval" / "if.jsonl"):
         assert r["prompt"] not in sft_prompts
@@ -214,8 +293,26 @@ def test_evaluation_items_are_held_out(small):
     for r in world.read_jsonl(data / "eval" / "mcq.jsonl"):
         assert r["question"] not in training and r["question"].lower() not in training.lower()
     train_findings = {r["findings"] for r in world.read_jsonl(data / "tasks" / "gen_train.jsonl")}
+    train_findings |= {r["findings"] for r in world.read_jsonl(data / "align" / "train.jsonl")}
     for r in world.read_jsonl(data / "eval" / "gen.jsonl"):
         assert r["findings"] not in train_findings and r["prompt"] not in training
+    gen_findings = {r["findings"] for r in world.read_jsonl(data / "eval" / "gen.jsonl")}
+    for r in world.read_jsonl(data / "eval" / "align.jsonl"):
+        findings = world.align.findings_of(r["prompt"])
+        assert findings not in train_findings and findings not in gen_findings
+        assert json.dumps(f"Findings: {findings} Impression:")[1:-1] not in training
+        assert json.dumps(r["prompt"])[1:-1] not in training
+
+
+def test_held_out_check_catches_a_leaked_align_item(small):
+    data = small["data"]
+    row = world.read_jsonl(data / "eval" / "align.jsonl")[0]
+    findings = world.align.findings_of(row["prompt"])
+    common = {"if_prompts": [], "mcq": [], "gen": [], "sft_prompts": set(), "align_eval": [row]}
+    assert world.check_held_out(train_texts=["The river is long."], train_findings=set(), **common) == []
+    assert world.check_held_out(train_texts=[], train_findings={findings}, **common)
+    report = f"Chest x ray. Findings: {findings} Impression: Findings are consistent with x."
+    assert world.check_held_out(train_texts=[report], train_findings=set(), **common)
 
 
 # --- tokenizer -----------------------------------------------------------------------------------------------
@@ -237,10 +334,13 @@ def test_tokenizer_covers_eval_text_and_round_trips(small):
         assert tok.unk_token_id not in ids, text
         assert tok.decode(ids) == text
     # exact round trip (IFEval's formats survive decoding) and case forms are single tokens
-    for row in world.read_jsonl(data / "sft" / "instructions.jsonl"):
-        for text in (row["prompt"], row["response"]):
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            assert tok.unk_token_id not in ids and tok.decode(ids) == text
+    # (the align sets are not tokenizer training text, yet every piece of them is in the vocabulary)
+    texts = [t for r in world.read_jsonl(data / "sft" / "instructions.jsonl") for t in (r["prompt"], r["response"])]
+    texts += [t for r in world.read_jsonl(data / "align" / "train.jsonl") for t in (r["prompt"], r["response"])]
+    texts += [r["prompt"] for r in world.read_jsonl(data / "eval" / "align.jsonl")]
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids and tok.decode(ids) == text
     kb = _kb(data)["conditions"]
     for word in ("river", "fever", kb[0]["name"], kb[0]["drug"]):
         for form in (word, word.capitalize(), word.upper()):
@@ -288,6 +388,7 @@ def test_tasks_run_end_to_end(small, tmp_path):
                                               "prompt_level_loose_acc", "inst_level_loose_acc"}
     assert set(tasks["mm_miniclinic_mcq"]) >= {"acc", "acc_norm"}
     assert set(tasks["mm_miniclinic_gen"]) >= {"rouge1", "rouge2", "rougeL", "exact_match", "condition_acc"}
+    assert set(tasks["mm_miniclinic_align"]) == set(tasks["mm_miniclinic_if"])
     assert results["model"]["chat_template"] is True
     assert all(v == 3 for v in (s["effective"] for s in results["samples"].values()))
 
@@ -298,6 +399,10 @@ def test_task_hooks_name_the_missing_world(tmp_path):
 
     with pytest.raises(DataError, match="data/ folder"):
         evaltasks.load("mcq", tmp_path)
+    from medmerge.miniclinic import align
+
+    with pytest.raises(DataError, match="mm_miniclinic_align needs .*eval/align.jsonl.*generate it again"):
+        align.load_eval(tmp_path)
 
 
 def test_every_sentence_about_a_subject_names_it():

@@ -17,19 +17,26 @@
 - `eval/if.jsonl` (IFEval's input_data.jsonl format: key, prompt, instruction_id_list,
   kwargs), `eval/mcq.jsonl` (question, choices: 4 strings, answer: index, type,
   condition, id), `eval/gen.jsonl` (as gen_train). All held out from every training file.
+- `align/train.jsonl`, `eval/align.jsonl`: alignment data, format-following findings ->
+  impression graded by lm-eval's IFEval checkers (see align.py): training rows (`prompt`,
+  `response`, `instruction_id_list`, `kwargs`, `condition`, `findings`, `id`) and held-out
+  prompts in IFEval's input_data format. Their random streams come after everything else
+  and the tokenizer is trained without them, so adding them changed no other file
+  (world.json only gained their sizes and counts).
 - `tokenizer/`: a transformers PreTrainedTokenizerFast (word level, trained here with
   the `tokenizers` library) with a chat template; see tokenizer.py.
 - `world.json`: the spec and the counts.
 
 Everything is a function of `spec` (its seed included): the same spec gives
 byte-identical files. The evaluation tasks live in `TASKS_DIR`
-(`mm_miniclinic_if`, `mm_miniclinic_mcq`, `mm_miniclinic_gen`); pass
+(`mm_miniclinic_if`, `mm_miniclinic_mcq`, `mm_miniclinic_gen`, `mm_miniclinic_align`); pass
 `--include-path TASKS_DIR --data-dir out/data` to `medmerge eval`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 import re
@@ -38,11 +45,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from . import corpora, evalsets, instructions, knowledge, lexicon
+from . import align, corpora, evalsets, instructions, knowledge, lexicon
 from . import tokenizer as tokmod
 
 TASKS_DIR = Path(__file__).parent / "tasks"
-TASK_NAMES = ("mm_miniclinic_if", "mm_miniclinic_mcq", "mm_miniclinic_gen")
+TASK_NAMES = ("mm_miniclinic_if", "mm_miniclinic_mcq", "mm_miniclinic_gen", "mm_miniclinic_align")
 GEN_PROMPT = evalsets.GEN_PROMPT  # gen_train/gen rows: prompt == GEN_PROMPT.format(**row)
 SCHEMA = "medmerge.miniclinic/1"
 
@@ -60,6 +67,8 @@ class WorldSpec:
     mcq_eval: int = 200
     gen_train: int = 2_000
     gen_eval: int = 200
+    align_train: int = 1_000  # format-following findings -> impression (align.py), training side
+    align_eval: int = 200
     max_response_tokens: int = 56  # every SFT response (+ </s>) fits; mm_miniclinic_if generates 64
 
     def replace(self, **changes) -> "WorldSpec":
@@ -69,7 +78,8 @@ class WorldSpec:
 PRESETS = {
     # whole build incl. training in ~3 minutes on 2 cores
     "quick": WorldSpec(seed=0, n_conditions=20, general_docs=7_000, clinical_docs=3_000, sft_examples=1_500,
-                       if_eval_prompts=100, mcq_eval=100, gen_train=500, gen_eval=100),
+                       if_eval_prompts=100, mcq_eval=100, gen_train=500, gen_eval=100, align_train=400,
+                       align_eval=100),
     "full": WorldSpec(),
 }
 
@@ -160,15 +170,6 @@ def generate(out: str | Path, spec: WorldSpec = PRESETS["quick"]) -> dict:
     clinical = corpora.clinical_corpus(kb, spec.clinical_docs, _rng(spec, "clinical"), eval_findings)
     generated_s = time.perf_counter() - started
 
-    held_out_errors = check_held_out(
-        train_texts=[*general, *clinical, *(e.prompt for e in sft), *(e.response for e in sft),
-                     *(r["prompt"] for r in gen_train)],
-        train_findings={r["findings"] for r in gen_train} | _report_findings(clinical),
-        if_prompts=[e.prompt for e in if_eval], mcq=mcq, gen=gen_eval, sft_prompts=sft_prompts,
-    )
-    if held_out_errors:
-        raise RuntimeError("evaluation items leak into training data: " + "; ".join(held_out_errors[:5]))
-
     # tokenizer: trained on the training text (+ every case form of every word of the world)
     t0 = time.perf_counter()
     train_texts = [*general, *clinical, *(e.prompt for e in sft), *(e.response for e in sft),
@@ -182,6 +183,34 @@ def generate(out: str | Path, spec: WorldSpec = PRESETS["quick"]) -> dict:
         raise RuntimeError(f"evaluation text has pieces outside the vocabulary: {unknown[:10]}")
     tokenizer_s = time.perf_counter() - t0
 
+    # alignment sets: drawn last, from their own streams, and not tokenizer training text, so that no file
+    # above changes; a draw whose text the tokenizer cannot encode is redrawn. Eval findings occur in no
+    # training file and in no other eval set; training findings in no eval set.
+    t0 = time.perf_counter()
+    train_findings = {r["findings"] for r in gen_train} | _report_findings(clinical)
+    oov = functools.partial(tokmod.oov, tok)
+    align_rng = _rng(spec, "align-eval")
+    align_pairs = evalsets.gen_pairs(kb, spec.align_eval, align_rng, exclude=train_findings | eval_findings,
+                                     balanced=True)
+    align_eval = align.examples(kb, align_pairs, align_rng, lambda k: 1 + k % 2, spec.max_response_tokens, oov)
+    align_rng = _rng(spec, "align-train")
+    align_pairs = evalsets.gen_pairs(kb, spec.align_train, align_rng, balanced=False,
+                                     exclude=eval_findings | {r["findings"] for r in align_eval})
+    align_train = align.examples(kb, align_pairs, align_rng, lambda k: align_rng.choice((1, 2)),
+                                 spec.max_response_tokens, oov)
+    generated_s += time.perf_counter() - t0
+
+    held_out_errors = check_held_out(
+        train_texts=[*general, *clinical, *(e.prompt for e in sft), *(e.response for e in sft),
+                     *(r["prompt"] for r in gen_train), *(r["prompt"] for r in align_train),
+                     *(r["response"] for r in align_train)],
+        train_findings=train_findings | {r["findings"] for r in align_train},
+        if_prompts=[e.prompt for e in if_eval], mcq=mcq, gen=gen_eval, sft_prompts=sft_prompts,
+        align_eval=[align.eval_record(r) for r in align_eval],
+    )
+    if held_out_errors:
+        raise RuntimeError("evaluation items leak into training data: " + "; ".join(held_out_errors[:5]))
+
     n_tokens = tokmod.count_tokens  # == encoded length: no piece of the training text is <unk>
 
     counts = {
@@ -193,8 +222,11 @@ def generate(out: str | Path, spec: WorldSpec = PRESETS["quick"]) -> dict:
                 "prompt_tokens": n_tokens([e.prompt for e in sft]),
                 "instruction_types": _type_counts(e.instruction_id_list for e in sft)},
         "gen_train": {"examples": len(gen_train)},
-        "eval": {"if": len(if_eval), "mcq": len(mcq), "gen": len(gen_eval),
-                 "if_instruction_types": _type_counts(e.instruction_id_list for e in if_eval)},
+        "align_train": {"examples": len(align_train), "response_tokens": n_tokens([r["response"] for r in align_train]),
+                        "instruction_types": _type_counts(r["instruction_id_list"] for r in align_train)},
+        "eval": {"if": len(if_eval), "mcq": len(mcq), "gen": len(gen_eval), "align": len(align_eval),
+                 "if_instruction_types": _type_counts(e.instruction_id_list for e in if_eval),
+                 "align_instruction_types": _type_counts(r["instruction_id_list"] for r in align_eval)},
         "tokenizer": {"vocab_size": tok.get_vocab_size(), "words": len(words)},
     }
 
@@ -206,6 +238,8 @@ def generate(out: str | Path, spec: WorldSpec = PRESETS["quick"]) -> dict:
     _write_jsonl(data / "eval" / "if.jsonl", (e.eval_record(k) for k, e in enumerate(if_eval)))
     _write_jsonl(data / "eval" / "mcq.jsonl", mcq)
     _write_jsonl(data / "eval" / "gen.jsonl", gen_eval)
+    _write_jsonl(data / "align" / "train.jsonl", (align.train_record(r) for r in align_train))
+    _write_jsonl(data / "eval" / "align.jsonl", (align.eval_record(r) for r in align_eval))
     tokmod.save(tok, data / "tokenizer")
     _write_json(data / "world.json", {"schema": SCHEMA, "spec": dataclasses.asdict(spec), "counts": counts,
                                       "chat_template": tokmod.CHAT_TEMPLATE,
@@ -233,6 +267,7 @@ def paths_of(data: str | Path) -> dict[str, Path]:
         "clinical": data / "corpora" / "clinical.txt", "sft": data / "sft" / "instructions.jsonl",
         "gen_train": data / "tasks" / "gen_train.jsonl", "if_eval": data / "eval" / "if.jsonl",
         "mcq_eval": data / "eval" / "mcq.jsonl", "gen_eval": data / "eval" / "gen.jsonl",
+        "align_train": data / "align" / "train.jsonl", "align_eval": data / "eval" / "align.jsonl",
         "tokenizer": data / "tokenizer", "manifest": data / "world.json",
     }
 
@@ -258,12 +293,14 @@ def _report_findings(docs: Iterable[str]) -> set[str]:
 
 
 def check_held_out(train_texts: list[str], train_findings: set[str], if_prompts: list[str], mcq: list[dict],
-                   gen: list[dict], sft_prompts: set[str]) -> list[str]:
+                   gen: list[dict], sft_prompts: set[str], align_eval: Iterable[dict] = ()) -> list[str]:
     """Evaluation items found in training data (empty when all are held out).
 
     IF prompts: none is a training prompt or occurs in any training text. MCQ: no
     question occurs in any training text. Gen: no findings text is a training
-    findings text, and no prompt occurs in any training text.
+    findings text, and no prompt occurs in any training text. Align (IFEval rows):
+    no findings text is a training findings text, and neither the prompt nor its
+    findings -> impression prefix (`Findings: ... Impression:`) occurs in any training text.
     """
     errors = []
     joined = "\n".join(train_texts)
@@ -276,6 +313,10 @@ def check_held_out(train_texts: list[str], train_findings: set[str], if_prompts:
     for r in gen:
         if r["findings"] in train_findings or r["prompt"] in joined:
             errors.append(f"gen findings {r['findings'][:60]!r}")
+    for r in align_eval:
+        findings = align.findings_of(r["prompt"])
+        if findings in train_findings or r["prompt"] in joined or evalsets.gen_prompt(findings) in joined:
+            errors.append(f"align findings {findings[:60]!r}")
     return errors
 
 
@@ -286,12 +327,16 @@ def check_world(data: str | Path) -> list[str]:
     clinical = p["clinical"].read_text(encoding="utf-8").splitlines()
     sft = read_jsonl(p["sft"])
     gen_train = read_jsonl(p["gen_train"])
+    align_train = read_jsonl(p["align_train"])
     return check_held_out(
         train_texts=[*general, *clinical, *(r["prompt"] for r in sft), *(r["response"] for r in sft),
-                     *(r["prompt"] for r in gen_train)],
-        train_findings={r["findings"] for r in gen_train} | _report_findings(clinical),
+                     *(r["prompt"] for r in gen_train), *(r["prompt"] for r in align_train),
+                     *(r["response"] for r in align_train)],
+        train_findings={r["findings"] for r in gen_train} | _report_findings(clinical)
+        | {r["findings"] for r in align_train},
         if_prompts=[r["prompt"] for r in read_jsonl(p["if_eval"])], mcq=read_jsonl(p["mcq_eval"]),
         gen=read_jsonl(p["gen_eval"]), sft_prompts={r["prompt"] for r in sft},
+        align_eval=read_jsonl(p["align_eval"]),
     )
 
 
