@@ -567,9 +567,6 @@ def analyze_loss_cmd(
     console.print(f"wrote {out}")
 
 
-if __name__ == "__main__":
-    app()
-
 
 medcare_app = typer.Typer(no_args_is_help=True, help="MedCare: knowledge aggregation, then orthogonal alignment.")
 app.add_typer(medcare_app, name="medcare")
@@ -654,3 +651,26 @@ def medcare_export_cmd(
         console.print(f"verified: max |logit diff| {v['max_abs_diff']:.3g} <= {v['tolerance']:.3g} "
                       f"({v['tolerance_rule']}); argmax agreement {v['argmax_agreement']:.4f}")
     console.print(f"exported {record['medmerge']['modules_folded']} folded projections -> {out}")
+
+
+@pipeline_app.command("medcare")
+def medcare_pipeline_cmd(
+    config: Path = typer.Argument(..., help="experiment YAML (see examples/medcare_miniclinic.yaml)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="KEY=VALUE overrides, e.g. stage2.alignment.lambda=1"),
+    out: Path = typer.Option(..., "--out", help="run folder; an interrupted run continues where it stopped"),
+    force: bool = typer.Option(False, "--force", help="start over in OUT"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """MedCare (two stages, exported) vs plain LoRA vs full fine-tuning, plus the keep-noise ablation, evaluated."""
+    from .pipelines.medcare import run
+
+    try:
+        results = run(config, out, overrides=overrides or [], force=force, progress=not quiet)
+    except MedmergeError as e:
+        _fail(e)
+    Console().print((out / "results.md").read_text())
+    console.print(f"results: {out / 'results.json'}; wall time {results['wall_time_s']} s")
+
+
+if __name__ == "__main__":
+    app()

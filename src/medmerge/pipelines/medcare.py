@@ -1,0 +1,282 @@
+"""`medmerge pipeline medcare CONFIG --out OUT`: MedCare against plain LoRA and full fine-tuning.
+
+Every arm starts from the same model (e.g. the general instruct model) and is
+evaluated on the same tasks (e.g. knowledge: clinical MCQ; alignment: format-following
+clinical generation graded by IFEval's checkers; general instruction following):
+
+- `start`: the model itself;
+- `medcare`: stage 1 on knowledge + alignment data, stage 2 on alignment data, exported (folded, verified);
+- `medcare_stage1`: the stage-1 knowledge path alone (noise experts dropped, exported);
+- `medcare_keep_noise` (ablation): stage 2 keeping the router and noise experts, evaluated unfolded;
+- `lora`: the trainer's LoRA on the union of the stage-1 data, for stage 1 + stage 2 steps;
+- `full`: full fine-tuning on the same data and steps.
+
+Each step writes into OUT/<arm>/ and is reused on a re-run (an interrupted run
+continues), unless --force. Results: results.json, results.md (the table),
+training.png (NLL per arm, and stage 2's orthogonality penalty).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import InputError
+from ..medcare.config import AlignmentSettings, MedCareData, ModuleSettings
+from ..training.config import LoraSettings, TrainingSettings
+from .common import EvalSettings, WorldSettings, read_experiment, resolve_eval_paths, validated
+
+ARMS = ("start", "medcare", "medcare_stage1", "medcare_keep_noise", "lora", "full")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Stage(_Strict):
+    training: TrainingSettings = TrainingSettings()
+
+
+class Stage2(Stage):
+    alignment: AlignmentSettings = AlignmentSettings()
+
+
+class Baseline(Stage):
+    lora: Optional[LoraSettings] = None  # the lora arm's adapter (default: the trainer's r 16 on all projections)
+    steps: Optional[int] = None  # default: stage 1 + stage 2 steps
+
+
+class ExperimentEval(EvalSettings):
+    table_metrics: list[str] = []  # TASK/METRIC columns of results.md (default: every metric)
+
+
+class MedCareExperiment(_Strict):
+    world: Optional[WorldSettings] = None
+    model: Path
+    seed: int = 0
+    chat_template: Optional[str] = None
+    max_seq_length: int = Field(512, ge=8)
+    knowledge: list[MedCareData] = Field(min_length=1)  # stage 1 only (with the alignment data)
+    alignment: list[MedCareData] = Field(min_length=1)  # stage 1 and stage 2
+    modules: ModuleSettings = ModuleSettings()
+    stage1: Stage = Stage()
+    stage2: Stage2 = Stage2()
+    lora: Baseline = Baseline(lora=LoraSettings())
+    full: Baseline = Baseline()
+    arms: list[str] = list(ARMS)
+    eval: ExperimentEval
+
+
+def load(path: str | Path, out: Path, overrides=()) -> tuple[MedCareExperiment, dict]:
+    path = Path(path)
+    raw, rel, world = read_experiment(path, out, overrides, "medcare experiment config")
+    raw["model"] = rel(raw.get("model"))
+    for key in ("knowledge", "alignment"):
+        items = raw.get(key)
+        items = [items] if isinstance(items, dict) else items
+        raw[key] = [{**d, "path": rel(d.get("path"))} if isinstance(d, dict) else d for d in items or []]
+    raw["eval"] = resolve_eval_paths(raw.get("eval"), rel)
+    cfg = validated(MedCareExperiment, raw, path)
+    unknown = [a for a in cfg.arms if a not in ARMS]
+    if unknown:
+        raise InputError(f"{path}: arms {unknown} unknown; choose from {', '.join(ARMS)}")
+    return cfg, {"world": world, "config_file": str(path.absolute())}
+
+
+def _stage_raw(cfg: MedCareExperiment, data: list[MedCareData], training: TrainingSettings) -> dict:
+    return {"data": [d.model_dump(mode="json") for d in data], "seed": cfg.seed, "chat_template": cfg.chat_template,
+            "max_seq_length": cfg.max_seq_length, "training": training.model_dump(mode="json")}
+
+
+def _record(folder: Path) -> Optional[dict]:
+    f = folder / "medmerge_train.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _trained(folder: Path) -> dict:
+    r = _record(folder)["result"]
+    return {"steps": r["steps"], "train_loss": r["train_loss"], "seconds": r["seconds"],
+            "tokens_per_s": r["tokens_per_s"]}
+
+
+def _train_medcare(cfg: MedCareExperiment, out: Path, progress: bool) -> dict:
+    from ..medcare.config import load_stage_config
+    from ..medcare.export import export
+    from ..medcare.train import run_stage1, run_stage2
+
+    s1, info = out / "medcare" / "stage1", {}
+    if _record(s1) is None:
+        raw = {"model": str(cfg.model), "modules": cfg.modules.model_dump(mode="json"),
+               **_stage_raw(cfg, cfg.knowledge + cfg.alignment, cfg.stage1.training)}
+        run_stage1(load_stage_config("stage1", None, raw=raw), s1, force=True, progress=progress)
+    info["medcare_stage1"] = {"run": str(s1), **_trained(s1)}
+    variants = {"medcare": False, "medcare_keep_noise": True}
+    for arm, keep in variants.items():
+        if arm not in cfg.arms:
+            continue
+        s2 = out / arm / "stage2"
+        if _record(s2) is None:
+            alignment = cfg.stage2.alignment.model_copy(update={"keep_noise": keep})
+            raw = {"stage1": str(s1), "alignment": alignment.model_dump(mode="json", by_alias=True),
+                   **_stage_raw(cfg, cfg.alignment, cfg.stage2.training)}
+            run_stage2(load_stage_config("stage2", None, raw=raw), s2, force=True, progress=progress)
+        info[arm] = {"run": str(s2), "stage1": info["medcare_stage1"], **_trained(s2)}
+    for arm, run, drop in (("medcare", "medcare/stage2", False), ("medcare_stage1", "medcare/stage1", True)):
+        if arm in cfg.arms:
+            folder = out / arm / "model" if arm == "medcare" else out / "medcare_stage1" / "model"
+            if not (folder / "medmerge.yml").is_file():
+                export(out / run, folder, drop_noise=drop, force=True, progress=progress)
+            info[arm]["model"] = str(folder)
+            info[arm]["verified"] = yaml.safe_load((folder / "medmerge.yml").read_text()).get("verified")
+    return info
+
+
+def _train_baseline(cfg: MedCareExperiment, arm: str, out: Path, progress: bool) -> dict:
+    from ..training.config import DataConfig, TrainConfig
+    from ..training.trainer import train
+
+    b: Baseline = getattr(cfg, arm)
+    folder = out / arm / "run"
+    if _record(folder) is None:
+        steps = b.steps or (cfg.stage1.training.max_steps + cfg.stage2.training.max_steps)
+        training = b.training.model_copy(update={"max_steps": steps})
+        parts = [TrainConfig(stage=d.stage, model=cfg.model, data=DataConfig(**d.model_dump(exclude={"stage", "k_shot"})),
+                             seed=cfg.seed, k_shot=d.k_shot, chat_template=cfg.chat_template,
+                             max_seq_length=cfg.max_seq_length, training=training,
+                             lora=(b.lora or LoraSettings()) if arm == "lora" else None)
+                 for d in cfg.knowledge + cfg.alignment]
+        train(parts[0], folder, force=True, progress=progress, data_parts=parts)
+    return {"run": str(folder), **_trained(folder)}
+
+
+def _evaluate(cfg: MedCareExperiment, arm: str, info: dict, out: Path) -> dict:
+    from ..analysis import flat_metrics
+    from ..evaluation.runner import evaluate
+
+    folder = out / "eval" / arm
+    if not (folder / "results.json").is_file():
+        kw = cfg.eval.kwargs(cfg.seed)
+        gen = kw.pop("gen_kwargs")
+        if arm == "start":
+            evaluate(cfg.model, cfg.eval.tasks, folder, gen_kwargs=gen, force=True, log_samples=True, **kw)
+        elif arm == "lora":
+            evaluate(cfg.model, cfg.eval.tasks, folder, peft=info["run"], gen_kwargs=gen, force=True,
+                     log_samples=True, **kw)
+        elif arm == "full":
+            evaluate(info["run"], cfg.eval.tasks, folder, gen_kwargs=gen, force=True, log_samples=True, **kw)
+        elif arm == "medcare_keep_noise":  # routed experts cannot be folded: evaluate the module model
+            from transformers import AutoTokenizer
+
+            from ..medcare.train import load_run
+
+            model = load_run(info["run"]).model
+            tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
+            evaluate(model, cfg.eval.tasks, folder, tokenizer=tokenizer, gen_kwargs=gen, force=True,
+                     log_samples=True, **kw)
+        else:
+            evaluate(info["model"], cfg.eval.tasks, folder, gen_kwargs=gen, force=True, log_samples=True, **kw)
+    return flat_metrics(json.loads((folder / "results.json").read_text()))
+
+
+def run(config: str | Path, out: str | Path, *, overrides=(), force: bool = False, progress: bool = True) -> dict:
+    from ..io.writer import check_output
+
+    out = Path(out).absolute()
+    if force:
+        check_output(out, True)
+    elif (out / "results.json").is_file():
+        raise InputError(f"{out} holds a finished run (results.json); pass --force to run it again")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    cfg, meta = load(config, out, overrides)
+    (out / "experiment_config.yml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True),
+                                                              sort_keys=False))
+    for stale in ("results.json", "results.md"):
+        (out / stale).unlink(missing_ok=True)
+
+    arms: dict[str, dict] = {"start": {"model": str(cfg.model)}} if "start" in cfg.arms else {}
+    if any(a.startswith("medcare") for a in cfg.arms):
+        trained = _train_medcare(cfg, out, progress)
+        arms.update({a: trained[a] for a in cfg.arms if a in trained})
+    for arm in ("lora", "full"):
+        if arm in cfg.arms:
+            arms[arm] = _train_baseline(cfg, arm, out, progress)
+    arms = {a: arms[a] for a in ARMS if a in arms and a in cfg.arms}
+    for arm, info in arms.items():
+        info["metrics"] = _evaluate(cfg, arm, info, out)
+    plot_training(arms, out / "training.png")
+    results = {"schema": "medmerge.medcare_experiment/1", "model": str(cfg.model), "world": meta["world"],
+               "config_file": meta["config_file"], "arms": arms, "table_metrics": cfg.eval.table_metrics,
+               "lambda": cfg.stage2.alignment.lambda_, "wall_time_s": round(time.perf_counter() - started, 1)}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(render(results) + "\n")
+    return results
+
+
+def _train_runs(info: dict) -> list[tuple[str, str]]:
+    """(label, run folder) of an arm's training runs, in order."""
+    runs = []
+    if "stage1" in info:
+        runs.append(("stage 1", info["stage1"]["run"]))
+    if "run" in info:
+        runs.append(("stage 2" if "stage1" in info else "", info["run"]))
+    return runs
+
+
+def plot_training(arms: dict, path: Path) -> None:
+    """Training NLL of every arm against its cumulative step, and stage 2's orthogonality penalty."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..analysis import read_log
+
+    fig, (ax, axp) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for i, (arm, info) in enumerate(a for a in arms.items() if a[0] not in ("start", "medcare_stage1")):
+        offset = 0
+        for label, run in _train_runs(info):
+            rows = [r for r in read_log(Path(run) / "train_log.jsonl") if r.get("loss") is not None]
+            if not rows:
+                continue
+            steps = [offset + r["step"] for r in rows]
+            ax.plot(steps, [r.get("nll", r["loss"]) for r in rows], color=f"C{i}",
+                    linestyle="-" if label != "stage 1" else ":", label=f"{arm} {label}".strip())
+            if any("orth_penalty" in r for r in rows):
+                axp.plot(steps, [r["orth_penalty"] for r in rows], color=f"C{i}", label=arm)
+            offset = steps[-1]
+    ax.set(xlabel="step", ylabel="training NLL", title="training loss (NLL) per arm")
+    axp.set(xlabel="step", ylabel="sum |A_KA A_AM^T|_1", title="stage 2: orthogonality penalty", yscale="log")
+    for a in (ax, axp):
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(results: dict) -> str:
+    from ..evaluation.compare import fmt_score
+
+    arms = results["arms"]
+    keys = results.get("table_metrics") or sorted({k for a in arms.values() for k in a["metrics"]})
+    head = ["arm", *keys, "train steps", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, info in arms.items():
+        runs = ([info["stage1"]] if "stage1" in info else []) + ([info] if "steps" in info else [])
+        steps = " + ".join(str(r["steps"]) for r in runs) or "-"
+        secs = f"{sum(r['seconds'] for r in runs):.0f}" if runs else "-"
+        lines.append("| " + " | ".join([arm, *(fmt_score(info["metrics"].get(k), 3) for k in keys), steps, secs]) + " |")
+    out = ["# MedCare vs plain LoRA vs full fine-tuning", "", f"Start model: `{results['model']}`; "
+           f"stage-2 lambda {results['lambda']:g}. Scores as the harness reports them (accuracies 0-1).", "", *lines, ""]
+    v = (arms.get("medcare") or {}).get("verified")
+    if v:
+        out.append(f"- MedCare export verified: max |logit diff| {v['max_abs_diff']:.3g} (tolerance {v['tolerance']:.3g})")
+    out.append(f"- wall time {results['wall_time_s']} s; training curves: training.png")
+    return "\n".join(out)
