@@ -362,6 +362,7 @@ def test_experiment_pipeline_on_the_quick_world(quick_world, tmp_path):
     assert any("noise_A" in k for k in keep) and not any("noise_A" in k for k in dropped)
     # both stage-2 variants start from the one stage-1 run
     assert arms["medcare"]["stage1"]["run"] == arms["medcare_keep_noise"]["stage1"]["run"]
+    assert "metrics" not in arms["medcare"]["stage1"]  # the nested stage-1 record is a copy, not the arm
     md = (out / "results.md").read_text()
     assert all(f"| {arm} |" in md for arm in ARMS) and (out / "training.png").stat().st_size > 10_000
     res = CliRunner().invoke(app, ["pipeline", "medcare", str(example), *overrides, "--out", str(out), "-q"])

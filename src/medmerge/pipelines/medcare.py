@@ -125,7 +125,7 @@ def _train_medcare(cfg: MedCareExperiment, out: Path, progress: bool) -> dict:
             raw = {"stage1": str(s1), "alignment": alignment.model_dump(mode="json", by_alias=True),
                    **_stage_raw(cfg, cfg.alignment, cfg.stage2.training)}
             run_stage2(load_stage_config("stage2", None, raw=raw), s2, force=True, progress=progress)
-        info[arm] = {"run": str(s2), "stage1": info["medcare_stage1"], **_trained(s2)}
+        info[arm] = {"run": str(s2), "stage1": dict(info["medcare_stage1"]), **_trained(s2)}
     for arm, run, drop in (("medcare", "medcare/stage2", False), ("medcare_stage1", "medcare/stage1", True)):
         if arm in cfg.arms:
             folder = out / arm / "model" if arm == "medcare" else out / "medcare_stage1" / "model"
