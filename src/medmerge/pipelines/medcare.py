@@ -175,6 +175,11 @@ def _evaluate(cfg: MedCareExperiment, arm: str, info: dict, out: Path) -> dict:
             from ..medcare.train import load_run
 
             model = load_run(info["run"]).model
+            if kw["device"] != "cpu":
+                import torch
+
+                if kw["device"].startswith("cuda") or torch.cuda.is_available():
+                    model.to("cuda" if kw["device"] == "auto" else kw["device"])
             tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
             evaluate(model, cfg.eval.tasks, folder, tokenizer=tokenizer, gen_kwargs=gen, force=True,
                      log_samples=True, **kw)
