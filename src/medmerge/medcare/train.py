@@ -19,7 +19,7 @@ tensors (medcare_model.safetensors) and medcare_config.json, not the base weight
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -27,7 +27,7 @@ from ..errors import InputError
 from ..io.fingerprint import fingerprint
 from ..training.config import DataConfig, TrainConfig
 from ..training.trainer import TrainResult, train
-from .config import Stage1Config, Stage2Config
+from .config import MedCareData, Stage1Config, Stage2Config
 from .layer import MedCareLinear
 from .model import WEIGHTS_FILE, MedCareModel, build_from_run, read_run
 
@@ -67,15 +67,17 @@ def trainer_class():
     return MedCareTrainer
 
 
-def data_parts(cfg: Stage1Config | Stage2Config, base: Path) -> list[TrainConfig]:
-    """One trainer config per data set of a stage (its own stage, columns and k-shot subset)."""
-    parts = []
-    for d in cfg.data:
-        data = DataConfig(**d.model_dump(exclude={"stage", "k_shot"}))
-        parts.append(TrainConfig(stage=d.stage, model=base, data=data, seed=cfg.seed, k_shot=d.k_shot,
-                                 chat_template=cfg.chat_template, max_seq_length=cfg.max_seq_length,
-                                 packing=cfg.packing, training=cfg.training))
-    return parts
+def data_parts(data: Sequence[MedCareData], base: Path, *, seed: int, chat_template: Optional[str],
+               max_seq_length: int, packing: bool, training, lora=None) -> list[TrainConfig]:
+    """One trainer config per data set (its own stage, columns and k-shot subset), sharing the rest."""
+    return [TrainConfig(stage=d.stage, model=base, data=DataConfig(**d.model_dump(exclude={"stage", "k_shot"})),
+                        seed=seed, k_shot=d.k_shot, chat_template=chat_template, max_seq_length=max_seq_length,
+                        packing=packing, training=training, lora=lora) for d in data]
+
+
+def stage_parts(cfg: Stage1Config | Stage2Config, base: Path) -> list[TrainConfig]:
+    return data_parts(cfg.data, base, seed=cfg.seed, chat_template=cfg.chat_template,
+                      max_seq_length=cfg.max_seq_length, packing=cfg.packing, training=cfg.training)
 
 
 def _load_base(path: Path, bf16: bool):
@@ -111,7 +113,7 @@ def run_stage1(cfg: Stage1Config, out: str | Path, *, force: bool = False, resum
     from ..evaluation.runner import check_model
 
     base = check_model(cfg.model)
-    parts = data_parts(cfg, base)
+    parts = stage_parts(cfg, base)
     extra = {"base": {"path": str(base), "fingerprint": fingerprint(base)}, "stage1": None,
              "config": cfg.model_dump(mode="json", by_alias=True)}
 
@@ -142,7 +144,7 @@ def run_stage2(cfg: Stage2Config, out: str | Path, *, force: bool = False, resum
     if info["stage"] != 1:
         raise InputError(f"stage1: {cfg.stage1} is a stage-{info['stage']} run; give the stage-1 run folder")
     base = stage1_base(cfg, info)
-    parts = data_parts(cfg, base)
+    parts = stage_parts(cfg, base)
     extra = {"base": info["base"],
              "stage1": {"path": str(cfg.stage1), "sha256": file_sha256([cfg.stage1 / WEIGHTS_FILE])},
              "config": cfg.model_dump(mode="json", by_alias=True)}

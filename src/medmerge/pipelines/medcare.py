@@ -137,7 +137,7 @@ def _train_medcare(cfg: MedCareExperiment, out: Path, progress: bool) -> dict:
 
 
 def _train_baseline(cfg: MedCareExperiment, arm: str, out: Path, progress: bool) -> dict:
-    from ..training.config import DataConfig, TrainConfig
+    from ..medcare.train import data_parts
     from ..training.trainer import train
 
     b: Baseline = getattr(cfg, arm)
@@ -145,11 +145,9 @@ def _train_baseline(cfg: MedCareExperiment, arm: str, out: Path, progress: bool)
     if _record(folder) is None:
         steps = b.steps or (cfg.stage1.training.max_steps + cfg.stage2.training.max_steps)
         training = b.training.model_copy(update={"max_steps": steps})
-        parts = [TrainConfig(stage=d.stage, model=cfg.model, data=DataConfig(**d.model_dump(exclude={"stage", "k_shot"})),
-                             seed=cfg.seed, k_shot=d.k_shot, chat_template=cfg.chat_template,
-                             max_seq_length=cfg.max_seq_length, training=training,
-                             lora=(b.lora or LoraSettings()) if arm == "lora" else None)
-                 for d in cfg.knowledge + cfg.alignment]
+        parts = data_parts(cfg.knowledge + cfg.alignment, cfg.model, seed=cfg.seed, chat_template=cfg.chat_template,
+                           max_seq_length=cfg.max_seq_length, packing=True, training=training,
+                           lora=(b.lora or LoraSettings()) if arm == "lora" else None)
         train(parts[0], folder, force=True, progress=progress, data_parts=parts)
     return {"run": str(folder), **_trained(folder)}
 
