@@ -155,7 +155,7 @@ def test_penalty_is_the_l1_norm_of_a_ka_a_am_t_and_gives_both_a_gradients():
     layer.train()
     layer(torch.randn(2, 12))  # the penalty is taken inside the forward
     want = sum(abs(float(layer.ka_A[i].detach() @ layer.am_A[j].detach())) for i in range(3) for j in range(3))
-    assert float(layer.last_penalty) == pytest.approx(want, rel=1e-5)
+    assert float(layer.last_penalty.detach()) == pytest.approx(want, rel=1e-5)
     layer.last_penalty.backward()
     for grad in (layer.ka_A.grad, layer.am_A.grad):
         assert grad is not None and float(grad.abs().sum()) > 0
