@@ -403,12 +403,31 @@ def _progress(enabled: bool):
 
 def _write_full(inputs: AdapterInputs, folder: Path, method: str, density, seed: int, out_dtype, shard_size: int,
                 progress: bool) -> tuple[list[ModuleResult], dict[str, int]]:
-    base = inputs.base
+    results = []
+
+    def merged(name: str, w0: torch.Tensor) -> torch.Tensor:
+        if name not in inputs.modules:
+            return w0
+        results.append(ModuleResult(name))
+        return inputs.merged_weight(name, w0, method, density, seed)
+
+    checksums = write_transformed(inputs.base, folder, merged, out_dtype=out_dtype, shard_size=shard_size,
+                                  description="merging adapters", metadata={"medmerge": "adapters merge"},
+                                  progress=progress)
+    return results, checksums
+
+
+def write_transformed(base: Checkpoint, folder: Path, transform, *, out_dtype, shard_size: int, description: str,
+                      metadata: dict, progress: bool) -> dict[str, int]:
+    """Stream `base` into `folder` as sharded safetensors, writing transform(name, W0) for every tensor.
+
+    Reads run ahead in a thread and writes happen in another, in order, one tensor at a time; the config
+    and tokenizer files are copied. Returns every written tensor's CRC-32 (for `readback_problems`).
+    """
     order = sorted(base.records.values(), key=lambda r: (str(r.file), r.start))
     tensors = [OutTensor(r.name, out_dtype if (out_dtype and r.torch_dtype.is_floating_point) else r.torch_dtype,
                          tuple(r.shape)) for r in order]
-    writer = ShardedWriter(folder, tensors, shard_size, metadata={"medmerge": "adapters merge"})
-    results = []
+    writer = ShardedWriter(folder, tensors, shard_size, metadata=metadata)
     checksums: dict[str, int] = {}
 
     def write(name: str, w: torch.Tensor) -> None:
@@ -417,14 +436,10 @@ def _write_full(inputs: AdapterInputs, folder: Path, method: str, density, seed:
         checksums[name] = checksum(w)
 
     with _progress(progress) as bar, ThreadPoolExecutor(1) as io:
-        task = bar.add_task("merging adapters", total=len(tensors))
+        task = bar.add_task(description, total=len(tensors))
         written = None
         for t, w0 in zip(tensors, prefetch(base.read, [t.name for t in tensors])):
-            if t.name in inputs.modules:
-                w = inputs.merged_weight(t.name, w0, method, density, seed).to(t.dtype)
-                results.append(ModuleResult(t.name))
-            else:
-                w = w0.to(t.dtype)
+            w = transform(t.name, w0).to(t.dtype)
             if written is not None:
                 written.result()  # in order, one tensor at a time
             written = io.submit(write, t.name, w)
@@ -433,7 +448,7 @@ def _write_full(inputs: AdapterInputs, folder: Path, method: str, density, seed:
             written.result()
     writer.close()
     _copy_support(base, folder, out_dtype)
-    return results, checksums
+    return checksums
 
 
 def checksum(t: torch.Tensor) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -30,7 +29,7 @@ import yaml
 from ..errors import InputError, MedmergeError
 from ..io.checkpoint import Checkpoint
 from ..io.fingerprint import file_sha256, fingerprint
-from ..io.writer import OutTensor, ShardedWriter, atomic_output_dir, check_output, parse_size
+from ..io.writer import atomic_output_dir, check_output, parse_size
 from ..provenance import library_versions
 from .model import CONFIG_FILE, WEIGHTS_FILE, read_run
 
@@ -66,7 +65,7 @@ def export(run: str | Path, out: str | Path, *, base: Optional[str | Path] = Non
            dtype: Optional[str] = None, shard_size: str = "5GB", verify: bool = True, verify_tokens: int = 64,
            verify_batch: int = 4, device: str = "cpu", force: bool = False, progress: bool = True) -> dict:
     """Write the folded model to OUT; return the record also written to OUT/medmerge.yml."""
-    from ..adapters.merge import _copy_support, _progress, checksum, prefetch, readback_problems
+    from ..adapters.merge import readback_problems, write_transformed
     from ..evaluation.runner import check_model
 
     run, out = Path(run).absolute(), Path(out).absolute()
@@ -86,9 +85,6 @@ def export(run: str | Path, out: str | Path, *, base: Optional[str | Path] = Non
     unknown = sorted(set(deltas) - set(ckpt.records))
     if unknown:
         raise InputError(f"{run}: adapted tensors {unknown[:3]} are not in base {base_path}")
-    order = sorted(ckpt.records.values(), key=lambda r: (str(r.file), r.start))
-    targets = [OutTensor(r.name, out_dtype if (out_dtype and r.torch_dtype.is_floating_point) else r.torch_dtype,
-                         tuple(r.shape)) for r in order]
     record = {
         "medmerge": {
             "kind": "medcare-export", "run": str(run), "stage": info["stage"],
@@ -102,32 +98,17 @@ def export(run: str | Path, out: str | Path, *, base: Optional[str | Path] = Non
     }
     try:
         with atomic_output_dir(out, force=force) as tmp:
-            writer = ShardedWriter(tmp, targets, parse_size(shard_size), metadata={"medmerge": "medcare export"})
-            checksums: dict[str, int] = {}
+            def fold(name: str, w0: torch.Tensor) -> torch.Tensor:
+                if name not in deltas:
+                    return w0
+                w = w0.float()
+                for scale, b, a in deltas[name]:
+                    w = w + scale * (b.float() @ a.float())
+                return w
 
-            def write(name: str, w: torch.Tensor) -> None:
-                writer.begin(name)
-                writer.write(w)
-                checksums[name] = checksum(w)
-
-            with _progress(progress) as bar, ThreadPoolExecutor(1) as io:
-                task = bar.add_task("folding MedCare", total=len(targets))
-                pending = None
-                for t, w0 in zip(targets, prefetch(ckpt.read, [t.name for t in targets])):
-                    w = w0
-                    if t.name in deltas:
-                        w = w0.float()
-                        for scale, b, a in deltas[t.name]:
-                            w = w + scale * (b.float() @ a.float())
-                    w = w.to(t.dtype)
-                    if pending is not None:
-                        pending.result()
-                    pending = io.submit(write, t.name, w)
-                    bar.advance(task)
-                if pending is not None:
-                    pending.result()
-            writer.close()
-            _copy_support(ckpt, tmp, out_dtype)
+            checksums = write_transformed(ckpt, tmp, fold, out_dtype=out_dtype, shard_size=parse_size(shard_size),
+                                          description="folding MedCare", metadata={"medmerge": "medcare export"},
+                                          progress=progress)
             problems = readback_problems(tmp, checksums)
             if verify:
                 record["verified"] = verify_logits(tmp, run, base_path, drop_noise, tokens=verify_tokens,

@@ -106,13 +106,6 @@ class MedCareLinear(nn.Linear):
         """|A_KA @ A_AM^T|_1, entry-wise: zero when the two row spaces are orthogonal."""
         return (self.A @ self.am_A.T).abs().sum()
 
-    def delta_weight(self) -> torch.Tensor:
-        """The input-independent part of the update, s * (B A + B_AM A_AM), in W0's orientation (float32)."""
-        delta = self.scaling * (self.B @ self.A)
-        if self.am_A is not None:
-            delta = delta + self.scaling * (self.am_B @ self.am_A)
-        return delta
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         xa = self.dropout(x.to(self.A.dtype))

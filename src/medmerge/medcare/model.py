@@ -151,11 +151,6 @@ class MedCareModel:
     def trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
 
-    def penalty(self) -> torch.Tensor:
-        """sum over FFN layers of |A_KA A_AM^T|_1, from the parameters as they are now."""
-        terms = [m.orthogonality_penalty() for m in self.ffn_layers().values() if m.am_A is not None]
-        return torch.stack(terms).sum() if terms else torch.zeros(())
-
     # --- saving and loading ----------------------------------------------------------------------------
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -203,25 +198,6 @@ class MedCareModel:
         save_file({k: v.cpu() for k, v in self.adapter_state_dict().items()}, str(folder / WEIGHTS_FILE),
                   metadata={"format": "pt", "medmerge": SCHEMA})
         (folder / CONFIG_FILE).write_text(json.dumps({**self.describe(), **(extra or {})}, indent=2) + "\n")
-
-    # --- folding ---------------------------------------------------------------------------------------
-
-    def folded_weights(self) -> dict[str, torch.Tensor]:
-        """{W0 tensor name: W0 + delta} for every adapted projection, in W0's dtype (float32 arithmetic).
-
-        Attention: W0 + s B A (stage 1) or the already merged W0 (stage 2 keeps the factors to recompute
-        from the original base); FFN: W0 + s (B_KA A_KA + B_AM A_AM). Routed experts depend on the input
-        and cannot be folded: drop them first.
-        """
-        if self.has_noise():
-            raise InputError("this MedCare model still has routed noise experts, whose output depends on the "
-                             "input and cannot be folded into weights; export a stage-2 run (noise dropped), "
-                             "or drop the noise experts first (stage 1: --drop-noise)")
-        out = {}
-        for name, layer in self.layers().items():
-            with torch.no_grad():
-                out[f"{name}.weight"] = (layer.weight.float() + layer.delta_weight()).to(layer.weight.dtype)
-        return out
 
 
 def read_run(run: Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -29,7 +29,6 @@ training file), read by the `mm_miniclinic_align` task through `eval_dataset`.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -84,25 +83,7 @@ def findings_of(prompt: str) -> str:
 
 def render(c: Condition, constraints: dict[str, dict], rng: random.Random, closings: tuple[str, ...]) -> str:
     """`answer(c)` following `constraints` (the same layout as instructions.render)."""
-    body = answer(c)
-    if JSON in constraints:
-        body = json.dumps({"answer": body})
-    lines = [body]
-    if TITLE in constraints:
-        lines.insert(0, f"<<{rng.choice(TITLES)}>>")
-    if POSTSCRIPT in constraints:
-        marker = constraints[POSTSCRIPT]["postscript_marker"]
-        lines.append(f"{'P.P.S.' if marker == 'P.P.S' else marker} {rng.choice(closings)}")
-    if END in constraints:
-        lines[-1] += " " + constraints[END]["end_phrase"]
-    text = "\n".join(lines)
-    if QUOTE in constraints:
-        text = f'"{text}"'
-    if LOWER in constraints:
-        text = text.lower()
-    if CAPITAL in constraints:
-        text = text.upper()
-    return text
+    return instructions.apply_format(answer(c), constraints, lambda: rng.choice(TITLES), lambda: rng.choice(closings))
 
 
 def examples(kb: KnowledgeBase, pairs: list[dict], rng: random.Random, n_constraints: Callable[[int], int],

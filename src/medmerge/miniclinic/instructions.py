@@ -208,14 +208,23 @@ def render(subject: Subject, constraints: dict[str, dict], rng: random.Random, n
         body = "\n***\n".join(" ".join(g) for g in groups)
     else:
         body = " ".join(sents)
+    return apply_format(body, constraints, lambda: _title(subject, rng), lambda: rng.choice(subject.closings))
+
+
+def apply_format(body: str, constraints: dict[str, dict], title: Callable[[], str], closing: Callable[[], str]) -> str:
+    """`body` with the whole-response constraints applied: JSON, title, postscript, end phrase, quotation, case.
+
+    `title()` and `closing()` are called only when a title or a postscript is asked for, in that order,
+    so that callers drawing them from a random stream draw exactly what they need.
+    """
     if JSON in constraints:
         body = json.dumps({"answer": body})
     lines = [body]
     if TITLE in constraints:
-        lines.insert(0, f"<<{_title(subject, rng)}>>")
+        lines.insert(0, f"<<{title()}>>")
     if POSTSCRIPT in constraints:
         marker = constraints[POSTSCRIPT]["postscript_marker"]
-        lines.append(f"{'P.P.S.' if marker == 'P.P.S' else marker} {rng.choice(subject.closings)}")
+        lines.append(f"{'P.P.S.' if marker == 'P.P.S' else marker} {closing()}")
     if END in constraints:
         lines[-1] += " " + constraints[END]["end_phrase"]
     text = "\n".join(lines)

@@ -15,7 +15,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..training.config import validation_message
 
 
@@ -132,3 +132,22 @@ def validated(model: type[BaseModel], raw: dict, path: Path):
         return model(**raw)
     except ValidationError as e:
         raise ConfigError(f"{path}: {validation_message(e)}") from None
+
+
+def open_run_dir(out: str | Path, force: bool, results: tuple[str, ...] = ("results.json", "results.md")) -> Path:
+    """A pipeline's run folder, created: a finished run (its first results file exists) needs --force.
+
+    Without --force an unfinished run's outputs are reused (an interrupted run continues); with it the old
+    results are removed, so a run that stops early leaves none that look current.
+    """
+    out = Path(out).absolute()
+    if force:
+        from ..io.writer import check_output
+
+        check_output(out, True)
+    elif (out / results[0]).is_file():
+        raise InputError(f"{out} holds a finished run ({results[0]}); pass --force to run it again")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in results:
+        (out / stale).unlink(missing_ok=True)
+    return out

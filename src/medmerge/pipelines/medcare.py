@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import InputError
 from ..medcare.config import AlignmentSettings, MedCareData, ModuleSettings
 from ..training.config import LoraSettings, TrainingSettings
-from .common import EvalSettings, WorldSettings, read_experiment, resolve_eval_paths, validated
+from .common import EvalSettings, WorldSettings, open_run_dir, read_experiment, resolve_eval_paths, validated
 
 ARMS = ("start", "medcare", "medcare_stage1", "medcare_keep_noise", "lora", "full")
 
@@ -187,20 +187,11 @@ def _evaluate(cfg: MedCareExperiment, arm: str, info: dict, out: Path) -> dict:
 
 
 def run(config: str | Path, out: str | Path, *, overrides=(), force: bool = False, progress: bool = True) -> dict:
-    from ..io.writer import check_output
-
-    out = Path(out).absolute()
-    if force:
-        check_output(out, True)
-    elif (out / "results.json").is_file():
-        raise InputError(f"{out} holds a finished run (results.json); pass --force to run it again")
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_run_dir(out, force)
     started = time.perf_counter()
     cfg, meta = load(config, out, overrides)
     (out / "experiment_config.yml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True),
                                                               sort_keys=False))
-    for stale in ("results.json", "results.md"):
-        (out / stale).unlink(missing_ok=True)
 
     arms: dict[str, dict] = {"start": {"model": str(cfg.model)}} if "start" in cfg.arms else {}
     if any(a.startswith("medcare") for a in cfg.arms):

@@ -25,8 +25,8 @@ from typing import Any, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import ConfigError, InputError
-from .common import EvalSettings, WorldSettings, read_experiment, resolve_eval_paths, validated
+from ..errors import ConfigError
+from .common import EvalSettings, WorldSettings, open_run_dir, read_experiment, resolve_eval_paths, validated
 from ..training.config import (
     DataConfig,
     LoraSettings,
@@ -117,20 +117,10 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
     from ..adapters.merge import merge_adapters
     from ..analysis import decoding_grid, flat_metrics, loss_curves, reasoning_leakage
     from ..evaluation.runner import evaluate
-    from ..io.writer import check_output
-
-    out = Path(out).absolute()
-    if force:
-        check_output(out, True)
-    elif (out / "results.json").is_file():
-        raise InputError(f"{out} holds a finished run (results.json); pass --force to run it again")
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_run_dir(out, force)
     started = time.perf_counter()
     cfg, info = load(config, out, overrides)
     (out / "pipeline_config.yml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    if force:
-        for stale in ("results.json", "results.md"):
-            (out / stale).unlink(missing_ok=True)
 
     stages = {"pt": _train_stage(cfg, "pt", cfg.pt, out, progress),
               "sft": _train_stage(cfg, "sft", cfg.sft, out, progress)}
