@@ -105,7 +105,8 @@ def _run(cfg, parts: list[TrainConfig], out, make, stage: int, extra: dict, forc
     return train(parts[0], out, force=force, resume=resume, progress=progress, callbacks=callbacks,
                  data_parts=parts, build_model=build, save_model=save, trainer_class=klass,
                  record_extra={"stage": f"medcare-stage{stage}", "kind": "medcare", "title": title,
-                               "medcare": extra})
+                               "medcare": extra},
+                 log_keys=("nll", "orth_penalty"))
 
 
 def run_stage1(cfg: Stage1Config, out: str | Path, *, force: bool = False, resume: bool = False,

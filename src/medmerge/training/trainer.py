@@ -71,7 +71,7 @@ def check_previous_adapter(cfg: TrainConfig, base_fp: str) -> Optional[dict]:
 class LogCallback:
     """train_log.jsonl: step, loss, learning rate, tokens/s (from the Trainer's token count)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, extra_keys: Sequence[str] = ()):
         from transformers import TrainerCallback
 
         outer = self
@@ -82,7 +82,7 @@ class LogCallback:
 
         self.callback = _CB()
         self.path = path
-        self.extra_keys = ("nll", "orth_penalty")  # a recipe's own loss terms, when its trainer logs them
+        self.extra_keys = tuple(extra_keys)  # a recipe's own logged values (e.g. its loss terms)
         self.rows: list[dict] = []
         self._last = (time.perf_counter(), 0)
 
@@ -168,14 +168,16 @@ def load_data(tokenizer, parts: Sequence[TrainConfig]) -> tuple[list[dict], dict
 def train(cfg: TrainConfig, out: str | Path, *, force: bool = False, resume: bool = False,
           progress: bool = True, callbacks: tuple = (), data_parts: Sequence[TrainConfig] = (),
           build_model: Optional[Callable] = None, save_model: Optional[Callable] = None,
-          trainer_class: Optional[type] = None, record_extra: Optional[dict] = None) -> TrainResult:
+          trainer_class: Optional[type] = None, record_extra: Optional[dict] = None,
+          log_keys: Sequence[str] = ()) -> TrainResult:
     """Run one training stage described by `cfg` and write its result to `out`.
 
     Hooks for recipes built on this trainer (MedCare): `data_parts` trains on the union of several data
     sets (default: `cfg` alone); `build_model(cfg, device)` returns the model to train (default: the base,
     with a fresh LoRA adapter when `cfg.lora`); `save_model(model, folder)` writes it (default:
     `save_pretrained`); `trainer_class` replaces transformers' Trainer (e.g. to add a loss term);
-    `record_extra` is merged into medmerge_train.json.
+    `record_extra` is merged into medmerge_train.json; `log_keys` are values the trainer logs that
+    train_log.jsonl keeps besides loss, learning rate and tokens/s.
     """
     import torch
     from transformers import AutoTokenizer, Trainer, TrainingArguments
@@ -222,11 +224,12 @@ def train(cfg: TrainConfig, out: str | Path, *, force: bool = False, resume: boo
         include_num_input_tokens_seen="non_padding", disable_tqdm=not progress, remove_unused_columns=False,
         dataloader_num_workers=0, save_only_model=False,
     )
-    log = LogCallback(work / "train_log.jsonl")
+    log = LogCallback(work / "train_log.jsonl", log_keys)
     if not resume and log.path.exists():
         log.path.unlink()
-    trainer = (trainer_class or Trainer)(model=model, args=args, train_dataset=examples, data_collator=PadCollator(tokenizer.pad_token_id),
-                      callbacks=[log.callback, *callbacks])
+    trainer = (trainer_class or Trainer)(model=model, args=args, train_dataset=examples,
+                                         data_collator=PadCollator(tokenizer.pad_token_id),
+                                         callbacks=[log.callback, *callbacks])
     if not progress:
         from transformers.trainer_callback import PrinterCallback
 
