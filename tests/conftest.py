@@ -6,17 +6,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import json  # noqa: E402
+import random  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-
-import json  # noqa: E402
-import random  # noqa: E402
 
 import yaml  # noqa: E402
 
 from medmerge.evaluation import runner  # noqa: E402
 from medmerge.tiny import BASE_WORDS, make_model, tokenizer_words  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers (browser.py) for the tests in sub-folders
+
+# Fixtures that build a synthetic world (the miniclinic build, or tiny models scored by the harness):
+# every test that uses one, directly or through another fixture, is `slow`.
+WORLD_FIXTURES = {"quick_world", "sweep_family"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if WORLD_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -107,6 +119,8 @@ def _write_task(root: Path, name: str, rows: list[dict]) -> None:
 @pytest.fixture(scope="session")
 def quick_world(tmp_path_factory) -> tuple[Path, Path]:
     """The quick synthetic world built once per session with `medmerge miniclinic build` -> (root, cache).
+
+    Tests that use it are `slow` (building it takes minutes): `pytest -m "not slow"` runs without it.
 
     root/world is the build; `cache` is its MEDMERGE_CACHE, so later builds (the demo's) copy it.
     """

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import yaml
 
 BASE_WORDS = [
     "patient", "reports", "chest", "pain", "fever", "cough", "denies", "history", "of", "the", "and", "with",
@@ -100,8 +101,6 @@ def make_model(
 
 
 def write_yaml(path: Path, config: dict) -> Path:
-    import yaml
-
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 

@@ -27,8 +27,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..methods import sparsify
-from ..methods.base import tensor_seed
+from ..merging.methods import sparsify
+from ..merging.methods.base import tensor_seed
 
 METHODS = ("exact", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")

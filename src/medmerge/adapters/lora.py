@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from ..errors import InputError
-from ..io.checkpoint import SAFETENSORS_DTYPES, TensorRecord, scan_safetensors
+from ..io.checkpoint import DTYPE_NAMES, SAFETENSORS_DTYPES, TensorRecord, scan_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -211,6 +211,4 @@ class LoraAdapter:
 
 
 def _dtype_code(dtype: torch.dtype) -> str:
-    from ..io.checkpoint import DTYPE_NAMES
-
     return DTYPE_NAMES[dtype]

@@ -29,10 +29,13 @@ import yaml
 
 from ..errors import InputError
 from ..io.checkpoint import Checkpoint
-from ..verify import TensorCheck, VerifyReport, compare
+from ..io.stream import prefetch
+from ..merging.verify import TensorCheck, VerifyReport, compare
+from ..merging.verify import verify as verify_merge
+from ..runtime import progress as progress_bar
 from .combine import LINEAR_METHODS, combine
+from .inputs import RECORD_KEY, AdapterInputs, open_inputs, parse_adapter_arg
 from .lora import CONFIG_NAME, LoraAdapter
-from .merge import RECORD_KEY, AdapterInputs, open_inputs, prefetch
 
 ADAPTER_RTOL = 1e-5  # relative Frobenius error allowed for an exact (cat) adapter export, float32 factors
 
@@ -90,15 +93,31 @@ def verify_adapter_merge(folder: str | Path, *, inputs: Optional[AdapterInputs] 
             inputs.close()
 
 
+def verify_output(folder: str | Path, *, sample: Optional[float] = None, base: Optional[str] = None,
+                  adapters: Optional[Sequence[str]] = None, method: Optional[str] = None,
+                  density: Optional[float] = None, seed: Optional[int] = None, allow_pickle: bool = False,
+                  progress: bool = False) -> VerifyReport:
+    """`medmerge verify`: an adapter merge (its record says so, or `adapters` as PATH:WEIGHT say what it should
+    be) is checked module by module; any other `medmerge merge` output is recomputed from its medmerge.yml."""
+    if sample is not None and not 0 < sample <= 1:
+        raise InputError("--sample is a fraction in (0, 1]")
+    folder = Path(folder)
+    if adapters or RECORD_KEY in _read_record(folder):
+        return verify_adapter_merge(folder, base=base, adapters=[parse_adapter_arg(a) for a in adapters or []] or None,
+                                    method=method, density=density, seed=seed, allow_pickle=allow_pickle,
+                                    progress=progress)
+    return verify_merge(folder, sample=sample, allow_pickle=allow_pickle, progress=progress)
+
+
 def _read_record(folder: Path) -> dict:
     file = folder / "medmerge.yml"
-    return (yaml.safe_load(file.read_text()) or {}) if file.is_file() else {}
-
-
-def _bar(progress: bool):
-    from rich.progress import Progress
-
-    return Progress(disable=not progress, transient=True)
+    if not file.is_file():
+        return {}
+    try:
+        record = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"{file}: not valid YAML ({e}); it is the merge's record: re-run the merge") from None
+    return record if isinstance(record, dict) else {}
 
 
 def _verify_full(folder: Path, inputs: AdapterInputs, method: str, density, seed: int,
@@ -121,7 +140,7 @@ def _verify_full(folder: Path, inputs: AdapterInputs, method: str, density, seed
                                "adapters were not applied")
     fits = dict.fromkeys(hyps, True)  # hypothesis matches the export on every module
     same = dict.fromkeys(hyps, True)  # hypothesis is indistinguishable from the intended merge
-    with _bar(progress) as bar:
+    with progress_bar(progress, transient=True) as bar:
         task = bar.add_task("verifying", total=len(base.records))
         names = [n for n in base.records if n in out.records and (only is None or n in only)]
         pairs = prefetch(lambda n: (out.read(n), base.read(n)), names)
@@ -182,7 +201,7 @@ def _verify_adapter(folder: Path, inputs: AdapterInputs, method: str, density, s
             report.problems.append(f"the exported adapter has module {t.removesuffix('.weight')}, which no input "
                                    "adapter has")
     recorded = ((record or {}).get("stats") or {}).get("svd_relative_residual_per_module", {})
-    with _bar(progress) as bar:
+    with progress_bar(progress, transient=True) as bar:
         task = bar.add_task("verifying", total=len(inputs.modules))
         for t in inputs.modules:
             bar.advance(task)

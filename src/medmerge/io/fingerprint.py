@@ -1,4 +1,9 @@
-"""Content fingerprints of model and adapter folders (sha256 over weights and JSON configs)."""
+"""Content hashes: one file's sha256, a set of files', and the fingerprint of a model or adapter folder.
+
+A fingerprint is what medmerge records about the base a model or adapter was trained on
+(`medmerge_train.json`, `medcare_config.json`), and `check_recorded_base` is the one check
+that a base given later is that same base.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,23 @@ import hashlib
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import InputError
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-def file_sha256(paths: Sequence[Path]) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of one file's bytes (hex)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def files_sha256(paths: Sequence[Path]) -> str:
     """sha256 over the files' names and contents: changes whenever the weights or configs do."""
     h = hashlib.sha256()
     for path in sorted(paths):
         h.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            h.update(hashlib.file_digest(f, "sha256").digest())
+        h.update(bytes.fromhex(sha256_file(path)))
     return h.hexdigest()
 
 
@@ -37,4 +49,14 @@ def fingerprint(path: str | Path) -> str:
 
 @functools.lru_cache(maxsize=32)
 def _cached(key: tuple) -> str:
-    return file_sha256([Path(name) for name, _, _ in key])
+    return files_sha256([Path(name) for name, _, _ in key])
+
+
+def check_recorded_base(base: Path, recorded: str, *, trained: str, fix: str) -> str:
+    """`base`'s fingerprint, or an InputError when it is not the `recorded` one of the base `trained` was
+    trained on (e.g. "adapter runs/pt", "stage 1 (runs/s1)"); `fix` says what to pass instead."""
+    found = fingerprint(base)
+    if found != recorded:
+        raise InputError(f"base model {base} is not the one {trained} was trained on: its recorded base fingerprint "
+                         f"{recorded[:12]}... differs from this base's {found[:12]}...; {fix}")
+    return found

@@ -11,17 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from ..errors import ConfigError
-from ..training.config import DataConfig, TrainingSettings, apply_overrides, read_yaml, validation_message
+from ..settings import Strict, apply_overrides, read_yaml, validation_message
+from ..training.config import DataConfig, TrainingSettings
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-class AttentionSettings(_Strict):
+class AttentionSettings(Strict):
     r: int = Field(16, ge=1)
     alpha: float = 32
     dropout: float = Field(0.05, ge=0, lt=1)
@@ -32,7 +28,7 @@ class AttentionSettings(_Strict):
         return self.alpha / self.r
 
 
-class FFNSettings(_Strict):
+class FFNSettings(Strict):
     target_modules: list[str] = ["gate_proj", "up_proj", "down_proj"]
     knowledge_rank: int = Field(32, ge=1)
     noise_experts: int = Field(8, ge=1)
@@ -48,12 +44,12 @@ class FFNSettings(_Strict):
         return self
 
 
-class ModuleSettings(_Strict):
+class ModuleSettings(Strict):
     attention: AttentionSettings = AttentionSettings()
     ffn: FFNSettings = FFNSettings()
 
 
-class AlignmentSettings(_Strict):
+class AlignmentSettings(Strict):
     rank: int = Field(32, ge=1)
     lambda_: float = Field(0.5, ge=0, alias="lambda")  # NLL + lambda * sum |A_KA A_AM^T|_1
     keep_noise: bool = False  # ablation: keep the router and noise experts (trainable) in stage 2
@@ -66,7 +62,7 @@ class MedCareData(DataConfig):
     k_shot: Optional[int] = Field(None, ge=1)
 
 
-class _StageCommon(_Strict):
+class _StageCommon(Strict):
     data: list[MedCareData] = Field(min_length=1)
     seed: int = 0
     chat_template: Optional[str] = None

@@ -28,11 +28,15 @@ import yaml
 
 from ..errors import InputError, MedmergeError
 from ..io.checkpoint import Checkpoint
-from ..io.fingerprint import file_sha256, fingerprint
+from ..io.fingerprint import check_recorded_base, files_sha256
+from ..io.folders import check_model, dtype_name
+from ..io.stream import readback_problems, write_transformed
 from ..io.writer import atomic_output_dir, check_output, parse_size
-from ..provenance import library_versions
+from ..runtime import library_versions, resolve_device
 from .model import CONFIG_FILE, WEIGHTS_FILE, read_run
+from .train import load_run
 
+RECORDED_LIBRARIES = ("torch", "transformers", "safetensors")
 # largest |exported - module| logit difference allowed, relative to max(1, largest |logit|); float32 folds
 # differ from the unfolded model only by summation order, 16-bit folds also by rounding W0 + delta once
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -65,16 +69,12 @@ def export(run: str | Path, out: str | Path, *, base: Optional[str | Path] = Non
            dtype: Optional[str] = None, shard_size: str = "5GB", verify: bool = True, verify_tokens: int = 64,
            verify_batch: int = 4, device: str = "cpu", force: bool = False, progress: bool = True) -> dict:
     """Write the folded model to OUT; return the record also written to OUT/medmerge.yml."""
-    from ..adapters.merge import readback_problems, write_transformed
-    from ..evaluation.runner import check_model
-
     run, out = Path(run).absolute(), Path(out).absolute()
     check_output(out, force)
+    device = resolve_device(device)
     info, tensors = read_run(run)
     base_path = check_model(base or info["base"]["path"])
-    if fingerprint(base_path) != info["base"]["fingerprint"]:
-        raise InputError(f"base model {base_path} is not the one {run} was trained on (fingerprint "
-                         f"{info['base']['fingerprint'][:12]}... recorded); pass --base with that model")
+    check_recorded_base(base_path, info["base"]["fingerprint"], trained=str(run), fix="pass --base with that model")
     out_dtype = None
     if dtype is not None:
         out_dtype = getattr(torch, dtype, None)
@@ -88,13 +88,13 @@ def export(run: str | Path, out: str | Path, *, base: Optional[str | Path] = Non
     record = {
         "medmerge": {
             "kind": "medcare-export", "run": str(run), "stage": info["stage"],
-            "run_sha256": file_sha256([run / WEIGHTS_FILE, run / CONFIG_FILE]),
+            "run_sha256": files_sha256([run / WEIGHTS_FILE, run / CONFIG_FILE]),
             "base": str(base_path), "base_fingerprint": info["base"]["fingerprint"],
             "formula": FORMULA, "drop_noise": drop_noise, "modules_folded": len(deltas),
             "dtype": dtype, "modules": info["modules"], "alignment": info.get("alignment"),
         },
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": library_versions(),
+        "versions": library_versions(*RECORDED_LIBRARIES),
     }
     try:
         with atomic_output_dir(out, force=force) as tmp:
@@ -140,9 +140,7 @@ def verify_logits(folder: Path, run: Path, base: Path, drop_noise: bool, *, toke
     the share of positions whose argmax agrees, and the adapters' own effect (largest |module - base|),
     so that a fold which dropped a term shows as a difference of the effect's size.
     """
-    from transformers import AutoModelForCausalLM
-
-    from .train import load_run
+    from transformers import AutoModelForCausalLM  # deferred: transformers takes seconds to import
 
     config = json.loads((folder / "config.json").read_text())
     vocab = int(config["vocab_size"])
@@ -166,7 +164,7 @@ def verify_logits(folder: Path, run: Path, base: Path, drop_noise: bool, *, toke
     tolerance = TOLERANCE.get(worst, 3e-2) * scale
     return {
         "ok": diff <= tolerance, "max_abs_diff": diff, "tolerance": tolerance,
-        "tolerance_rule": f"{TOLERANCE.get(worst, 3e-2):g} x max(1, max |logit|) for {str(worst).replace('torch.', '')}",
+        "tolerance_rule": f"{TOLERANCE.get(worst, 3e-2):g} x max(1, max |logit|) for {dtype_name(worst)}",
         "argmax_agreement": float((export_logits.argmax(-1) == module_logits.argmax(-1)).float().mean()),
         "adapter_effect": float((module_logits - base_logits).abs().max()),
         "inputs": {"batch": batch, "tokens": tokens, "seed": seed, "kind": "random token ids"},

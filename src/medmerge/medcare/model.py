@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import InputError
@@ -192,8 +193,6 @@ class MedCareModel:
                 "attention_merged": bool(self.attention_factors), "noise_experts": self.has_noise(), **counts}
 
     def save(self, folder: Path, extra: Optional[dict] = None) -> None:
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         save_file({k: v.cpu() for k, v in self.adapter_state_dict().items()}, str(folder / WEIGHTS_FILE),
                   metadata={"format": "pt", "medmerge": SCHEMA})
@@ -202,8 +201,6 @@ class MedCareModel:
 
 def read_run(run: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(medcare_config.json, the adapter tensors) of a stage-1 or stage-2 run folder, or a clear error."""
-    from safetensors.torch import load_file
-
     run = Path(run)
     cfg_file, weights = run / CONFIG_FILE, run / WEIGHTS_FILE
     if not cfg_file.is_file() or not weights.is_file():

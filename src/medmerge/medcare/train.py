@@ -24,7 +24,8 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import InputError
-from ..io.fingerprint import fingerprint
+from ..io.fingerprint import check_recorded_base, files_sha256, fingerprint
+from ..io.folders import check_model
 from ..training.config import DataConfig, TrainConfig
 from ..training.trainer import TrainResult, train
 from .config import MedCareData, Stage1Config, Stage2Config
@@ -34,7 +35,7 @@ from .model import WEIGHTS_FILE, MedCareModel, build_from_run, read_run
 
 def trainer_class():
     """transformers' Trainer with the orthogonality term added to the loss (and logged) when the model has one."""
-    from transformers import Trainer
+    from transformers import Trainer  # deferred: transformers takes seconds to import
 
     class MedCareTrainer(Trainer):
         orth_lambda: float = 0.0
@@ -80,10 +81,14 @@ def stage_parts(cfg: Stage1Config | Stage2Config, base: Path) -> list[TrainConfi
                       max_seq_length=cfg.max_seq_length, packing=cfg.packing, training=cfg.training)
 
 
-def _load_base(path: Path, bf16: bool):
-    from transformers import AutoModelForCausalLM
+def _load_base(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM  # deferred: transformers takes seconds to import
 
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16 if bf16 else torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+
+
+def _train_dtype(cfg: Stage1Config | Stage2Config) -> torch.dtype:
+    return torch.bfloat16 if cfg.training.bf16 else torch.float32
 
 
 def _run(cfg, parts: list[TrainConfig], out, make, stage: int, extra: dict, force, resume, progress,
@@ -111,47 +116,39 @@ def _run(cfg, parts: list[TrainConfig], out, make, stage: int, extra: dict, forc
 
 def run_stage1(cfg: Stage1Config, out: str | Path, *, force: bool = False, resume: bool = False,
                progress: bool = True, callbacks: tuple = ()) -> TrainResult:
-    from ..evaluation.runner import check_model
-
     base = check_model(cfg.model)
     parts = stage_parts(cfg, base)
     extra = {"base": {"path": str(base), "fingerprint": fingerprint(base)}, "stage1": None,
              "config": cfg.model_dump(mode="json", by_alias=True)}
 
     def make() -> MedCareModel:
-        return MedCareModel.stage1(_load_base(base, cfg.training.bf16), cfg.modules, cfg.seed, where=str(base))
+        return MedCareModel.stage1(_load_base(base, _train_dtype(cfg)), cfg.modules, cfg.seed, where=str(base))
 
     return _run(cfg, parts, out, make, 1, extra, force, resume, progress, callbacks)
 
 
 def stage1_base(cfg: Stage2Config, info: dict) -> Path:
     """The base model of a stage-2 run: `model:` or the one stage 1 recorded, with stage 1's fingerprint."""
-    from ..evaluation.runner import check_model
-
     recorded = info["base"]
     base = check_model(cfg.model or Path(recorded["path"]))
-    if fingerprint(base) != recorded["fingerprint"]:
-        raise InputError(f"base model {base} is not the one stage 1 ({cfg.stage1}) trained on (fingerprint "
-                         f"{recorded['fingerprint'][:12]}... recorded, {fingerprint(base)[:12]}... found); "
-                         "point `model:` at that base")
+    check_recorded_base(base, recorded["fingerprint"], trained=f"stage 1 ({cfg.stage1})",
+                        fix="point `model:` at that base")
     return base
 
 
 def run_stage2(cfg: Stage2Config, out: str | Path, *, force: bool = False, resume: bool = False,
                progress: bool = True, callbacks: tuple = ()) -> TrainResult:
-    from ..io.fingerprint import file_sha256
-
     info, tensors = read_run(cfg.stage1)
     if info["stage"] != 1:
         raise InputError(f"stage1: {cfg.stage1} is a stage-{info['stage']} run; give the stage-1 run folder")
     base = stage1_base(cfg, info)
     parts = stage_parts(cfg, base)
     extra = {"base": info["base"],
-             "stage1": {"path": str(cfg.stage1), "sha256": file_sha256([cfg.stage1 / WEIGHTS_FILE])},
+             "stage1": {"path": str(cfg.stage1), "sha256": files_sha256([cfg.stage1 / WEIGHTS_FILE])},
              "config": cfg.model_dump(mode="json", by_alias=True)}
 
     def make() -> MedCareModel:
-        mc = build_from_run(_load_base(base, cfg.training.bf16), info, tensors, where=str(cfg.stage1))
+        mc = build_from_run(_load_base(base, _train_dtype(cfg)), info, tensors, where=str(cfg.stage1))
         return mc.to_stage2(cfg.alignment, cfg.seed)
 
     return _run(cfg, parts, out, make, 2, extra, force, resume, progress, callbacks)
@@ -160,17 +157,11 @@ def run_stage2(cfg: Stage2Config, out: str | Path, *, force: bool = False, resum
 def load_run(run: str | Path, *, base: Optional[str | Path] = None, drop_noise: bool = False,
              dtype: torch.dtype = torch.float32) -> MedCareModel:
     """A saved stage-1 or stage-2 run as a MedCare model in memory (e.g. to evaluate it unfolded)."""
-    from ..evaluation.runner import check_model
-
     run = Path(run)
     info, tensors = read_run(run)
     base_path = check_model(base or info["base"]["path"])
-    if fingerprint(base_path) != info["base"]["fingerprint"]:
-        raise InputError(f"base model {base_path} is not the one {run} was trained on (fingerprint mismatch); "
-                         "pass the right base")
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=dtype)
+    check_recorded_base(base_path, info["base"]["fingerprint"], trained=str(run), fix="pass the right base")
+    model = _load_base(base_path, dtype)
     mc = build_from_run(model, info, tensors, where=str(run))
     if drop_noise:
         for layer in mc.ffn_layers().values():

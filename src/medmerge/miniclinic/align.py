@@ -35,6 +35,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from ..evaluation.hooks import as_dataset
+from ..io.records import DataError, read_jsonl, require_columns
 from . import clinical, evalsets, ifcheck, instructions
 from . import tokenizer as tokmod
 from .instructions import CAPITAL, END, JSON, KEYWORD, LOWER, NO_COMMA, POSTSCRIPT, QUOTE, TITLE, WORDS
@@ -137,8 +139,6 @@ def eval_record(row: dict) -> dict:
 
 
 def eval_path(data_dir: str | Path | None = None) -> Path:
-    from ..evaluation.data import DataError
-
     root = data_dir or os.environ.get("MEDMERGE_DATA")
     if not root:
         raise DataError(f"{TASK} needs a MiniClinic world: pass --data-dir OUT/data (the data/ folder that "
@@ -152,8 +152,6 @@ def eval_path(data_dir: str | Path | None = None) -> Path:
 
 
 def load_eval(data_dir: str | Path | None = None) -> list[dict]:
-    from ..evaluation.data import DataError, read_jsonl, require_columns
-
     path = eval_path(data_dir)
     rows = read_jsonl(path)
     if not rows:
@@ -163,6 +161,4 @@ def load_eval(data_dir: str | Path | None = None) -> list[dict]:
 
 
 def eval_dataset(data_dir=None, **_):
-    from ..evaluation.hooks import as_dataset
-
     return as_dataset(load_eval(data_dir))

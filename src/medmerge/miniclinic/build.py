@@ -24,11 +24,20 @@ import os
 import random
 import shutil
 import time
+from importlib.metadata import version
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from ..errors import MedmergeError
+from ..evaluation.runner import evaluate
+from ..io.writer import atomic_output_dir, check_output
+from ..training.config import load_config
+from ..training.trainer import train
+from . import world
+from .world import TASKS_DIR
 
 MODELS = ("base", "instruct", "clinical", "instruct_ft")
 
@@ -68,8 +77,6 @@ SCHEDULES = {
 
 def code_version() -> str:
     """Hash of the sources that decide what a build produces."""
-    from importlib.metadata import version
-
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256(version("medmerge").encode())
     for folder in ("miniclinic", "training"):
@@ -103,7 +110,6 @@ def _mixed_text(parts: list[tuple[Path, float]], out: Path, seed: int) -> Path:
 
 
 def _init_model(folder: Path, tokenizer_dir: Path, s: Schedule, seed: int) -> Path:
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -122,9 +128,6 @@ def _init_model(folder: Path, tokenizer_dir: Path, s: Schedule, seed: int) -> Pa
 
 def _train(name: str, stage: str, model: Path, data: dict, steps: int, lr: float, s: Schedule, out: Path,
            seed: int, progress: bool) -> dict:
-    from ..training.config import load_config
-    from ..training.trainer import train
-
     raw = {
         "stage": stage, "model": str(model), "data": data, "seed": seed, "max_seq_length": s.seq_len,
         "training": {"max_steps": steps, "batch_size": s.batch, "lr": lr, "scheduler": "cosine",
@@ -137,9 +140,6 @@ def _train(name: str, stage: str, model: Path, data: dict, steps: int, lr: float
 
 
 def evaluate_models(out: Path, s: Schedule, models=MODELS, progress: bool = True) -> dict:
-    from ..evaluation.runner import evaluate
-    from .world import TASKS_DIR
-
     scores = {}
     for name in models:
         res = evaluate(out / "models" / name, ["mm_miniclinic_if", "mm_miniclinic_mcq", "mm_miniclinic_gen"],
@@ -168,11 +168,6 @@ def render_table(summary: dict) -> str:
 def build(out: str | Path, preset: str = "quick", seed: int = 0, *, force: bool = False, progress: bool = True,
           use_cache: bool = True) -> dict:
     """Build the world into OUT; return the summary (scores, timings, sizes)."""
-    import torch
-
-    from ..io.writer import atomic_output_dir, check_output
-    from . import world
-
     if preset not in SCHEDULES:
         raise MedmergeError(f"unknown preset {preset!r}; use quick or full")
     out = Path(out).absolute()

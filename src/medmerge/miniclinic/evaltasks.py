@@ -11,7 +11,9 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..evaluation.data import DataError, read_jsonl, require_columns
+from ..evaluation import hooks
+from ..io.records import DataError, read_jsonl, require_columns
+from .ifcheck import process_results
 
 FILES = {"if": "eval/if.jsonl", "mcq": "eval/mcq.jsonl", "gen": "eval/gen.jsonl"}
 COLUMNS = {
@@ -44,9 +46,7 @@ def load(kind: str, data_dir: Optional[str | Path] = None) -> list[dict]:
 
 def _dataset(kind: str):
     def dataset(data_dir=None, **_):
-        from ..evaluation.hooks import as_dataset
-
-        return as_dataset(load(kind, data_dir))
+        return hooks.as_dataset(load(kind, data_dir))
 
     dataset.__name__ = f"{kind}_dataset"
     return dataset
@@ -59,29 +59,21 @@ gen_dataset = _dataset("gen")
 
 def if_results(doc: dict, results: Sequence[str]) -> dict:
     """IFEval's four metrics from lm-eval's checkers (langdetect seeded, see ifcheck.py)."""
-    from .ifcheck import process_results
-
     return process_results(doc, results)
 
 
 def agg_bleu(items) -> float:
-    from ..evaluation.hooks import agg_bleu as agg
-
-    return agg(items)
+    return hooks.agg_bleu(items)
 
 
 def agg_inst_level_acc(items) -> float:
-    from ..evaluation.hooks import agg_inst_level_acc as agg
-
-    return agg(items)
+    return hooks.agg_inst_level_acc(items)
 
 
 def gen_results(doc: dict, results: Sequence[str]) -> dict:
     """ROUGE-1/2/L and corpus BLEU-4 (x100, medmerge's metrics), exact match and whether the right condition
     is named (0/1)."""
-    from ..evaluation.hooks import generation_results
-
-    out = generation_results(doc, results, target="impression", groups=("rouge", "bleu"))
+    out = hooks.generation_results(doc, results, target="impression", groups=("rouge", "bleu"))
     out.pop("composite", None)
     prediction = results[0].strip()
     out["exact_match"] = float(prediction == doc["impression"].strip())

@@ -9,28 +9,17 @@ fixed at 0 (restored afterwards), so both give the same verdict every run.
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Iterator, Sequence
+
+from ..evaluation import hooks
+from ..evaluation.hooks import ifeval_utils as utils
 
 LANGDETECT_SEED = 0
 
 
-@functools.lru_cache(maxsize=1)
-def utils():
-    """lm_eval.tasks.ifeval.utils, after NLTK's punkt_tab is found offline."""
-    import nltk  # noqa: F401  (so that require_punkt puts the project's folder first on its path)
-
-    from ..evaluation import nltk_data
-
-    nltk_data.require_punkt()
-    from lm_eval.tasks.ifeval import utils as ifeval_utils
-
-    return ifeval_utils
-
-
 @contextlib.contextmanager
 def seeded_langdetect(seed: int = LANGDETECT_SEED) -> Iterator[None]:
-    from langdetect import DetectorFactory
+    from langdetect import DetectorFactory  # deferred, like lm-eval's IFEval module that needs it
 
     old = DetectorFactory.seed
     DetectorFactory.seed = seed
@@ -42,9 +31,9 @@ def seeded_langdetect(seed: int = LANGDETECT_SEED) -> Iterator[None]:
 
 def describe(instruction_id: str, kwargs: dict) -> str:
     """IFEval's own wording of an instruction (its `build_description`)."""
+    utils()  # first: it finds punkt_tab offline before lm-eval's IFEval package is imported
     from lm_eval.tasks.ifeval import instructions_registry
 
-    utils()
     inst = instructions_registry.INSTRUCTION_DICT[instruction_id](instruction_id)
     return inst.build_description(**kwargs)
 
@@ -59,7 +48,5 @@ def follows(prompt: str, response: str, instruction_id_list: Sequence[str], kwar
 
 def process_results(doc: dict, results: Sequence[str]) -> dict:
     """lm-eval's IFEval process_results (via medmerge's hook), langdetect seeded."""
-    from ..evaluation import hooks
-
     with seeded_langdetect():
         return hooks.ifeval_process_results(doc, results)

@@ -10,6 +10,7 @@ commas often, so "no commas" is a real behaviour to learn).
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 
 NAMES = ("Anna", "Tom", "Maria", "Ben", "Sara", "Leo", "Emma", "Sam")
@@ -231,8 +232,6 @@ def story(rng: random.Random, commas: bool) -> list[str]:
 
 def words() -> list[str]:
     """Every word the general side can produce (for the tokenizer's case forms)."""
-    import re
-
     text = []
     rng = random.Random(0)
     for t in TOPICS:

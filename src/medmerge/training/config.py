@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
+from ..settings import Strict, apply_overrides, read_yaml, validation_message
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DataConfig(_Strict):
+class DataConfig(Strict):
     """Where the training data is and which columns mean what."""
 
     path: Path
@@ -29,7 +26,7 @@ class DataConfig(_Strict):
     prompt_template: Optional[str] = None  # e.g. "Findings: {findings}\nImpression:" built from columns
 
 
-class LoraSettings(_Strict):
+class LoraSettings(Strict):
     r: int = Field(16, ge=1)
     alpha: float = 32
     dropout: float = Field(0.05, ge=0, lt=1)
@@ -37,7 +34,7 @@ class LoraSettings(_Strict):
     rslora: bool = False
 
 
-class TrainingSettings(_Strict):
+class TrainingSettings(Strict):
     max_steps: int = -1  # > 0 wins over epochs
     epochs: float = 1.0
     batch_size: int = Field(8, ge=1)
@@ -55,7 +52,7 @@ class TrainingSettings(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     stage: Literal["pt", "sft"]
     model: Path  # the base model folder (never an adapter)
     data: DataConfig
@@ -100,49 +97,6 @@ NAMED_TEMPLATES = {
         "{% else %}{{ m['content'] }}\n{% endif %}{% endfor %}"
     ),
 }
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """`training.lr=1e-3 lora.r=8 k_shot=64` -> nested updates (values parsed as YAML)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: use KEY=VALUE, e.g. training.lr=1e-3 or lora.r=8")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = raw
-        for part in parts[:-1]:
-            if node.get(part) is None:
-                node[part] = {}
-            if not isinstance(node[part], dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-            node = node[part]
-        node[parts[-1]] = _parse_value(value)
-    return raw
-
-
-def read_yaml(path: Path, what: str) -> dict:
-    """A YAML mapping from `path`, or a ConfigError naming the file (`what`: e.g. "training config")."""
-    if not path.is_file():
-        raise ConfigError(f"{what} {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a {what} is a YAML mapping of keys, not a {type(raw).__name__}")
-    return raw
-
-
-def validation_message(e: ValidationError) -> str:
-    """pydantic's errors as 'dotted.key: message; ...'."""
-    return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), raw: Optional[dict] = None) -> TrainConfig:

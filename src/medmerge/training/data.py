@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from pathlib import Path
 from typing import Optional, Sequence
 
-from ..evaluation.data import DataError, read_table, require_columns
+import torch
+
+from ..io.records import DataError, read_table, require_columns
 from .config import NAMED_TEMPLATES, DataConfig, TrainConfig
 
 IGNORE = -100
@@ -199,8 +200,6 @@ class PadCollator:
         self.pad_id = pad_id
 
     def __call__(self, batch: list[dict]) -> dict:
-        import torch
-
         n = max(len(ex["input_ids"]) for ex in batch)
         ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
@@ -211,9 +210,3 @@ class PadCollator:
             labels[i, :k] = torch.tensor(ex["labels"])
             mask[i, :k] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def data_path_sha256(path: Path) -> str:
-    from ..io.fingerprint import file_sha256
-
-    return file_sha256([path])

@@ -18,12 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import torch
+
 from ..errors import ConfigError, InputError, MedmergeError
-from ..io.fingerprint import fingerprint
+from ..io.fingerprint import check_recorded_base, files_sha256, fingerprint
+from ..io.folders import check_adapter, check_model
+from ..io.writer import atomic_output_dir, check_output
+from ..runtime import library_versions, pyplot, resolve_device
 from .config import TrainConfig, dump_config
-from .data import PadCollator, build_examples, check_columns, data_path_sha256, read_records, select_k
+from .data import PadCollator, build_examples, check_columns, read_records, select_k
 
 RECORD = "medmerge_train.json"
+LOG = "train_log.jsonl"
+RECORDED_LIBRARIES = ("torch", "transformers", "peft", "accelerate")
 
 
 @dataclass
@@ -35,14 +42,17 @@ class TrainResult:
     tokens_per_second: float
     record: dict = field(default_factory=dict)
 
+    def summary(self) -> str:
+        """'N steps in Ts (final loss L, R tokens/s) -> OUT' (what the training commands print)."""
+        return (f"{self.steps} steps in {self.seconds:.1f}s (final loss {self.train_loss:.4f}, "
+                f"{self.tokens_per_second:.0f} tokens/s) -> {self.out}")
+
 
 def work_dir(out: Path) -> Path:
     return out.with_name(out.name + ".medmerge-work")
 
 
 def check_base(cfg: TrainConfig) -> Path:
-    from ..evaluation.runner import check_model
-
     if (cfg.model / "adapter_config.json").is_file() and not (cfg.model / "config.json").is_file():
         raise InputError(
             f"model {cfg.model} is a PEFT adapter; give the base model as `model:` and the adapter as "
@@ -55,16 +65,12 @@ def check_previous_adapter(cfg: TrainConfig, base_fp: str) -> Optional[dict]:
     """The first-stage adapter must belong to this base: its recorded fingerprint, else its module shapes."""
     if cfg.after_adapter is None:
         return None
-    from ..evaluation.runner import check_adapter
-
     path = check_adapter(cfg.after_adapter, cfg.model)
     record_file = path / RECORD
     recorded = json.loads(record_file.read_text())["base"]["fingerprint"] if record_file.is_file() else None
-    if recorded is not None and recorded != base_fp:
-        raise InputError(
-            f"adapter {path} was trained on another base (fingerprint {recorded[:12]}..., this base "
-            f"{cfg.model} is {base_fp[:12]}...); train both stages on the same base model"
-        )
+    if recorded is not None:
+        check_recorded_base(cfg.model, recorded, trained=f"adapter {path}",
+                            fix="train both stages on the same base model")
     return {"path": str(path), "base_fingerprint": recorded, "merged_in": cfg.merge_after_adapter}
 
 
@@ -72,7 +78,7 @@ class LogCallback:
     """train_log.jsonl: step, loss, learning rate, tokens/s (from the Trainer's token count)."""
 
     def __init__(self, path: Path, extra_keys: Sequence[str] = ()):
-        from transformers import TrainerCallback
+        from transformers import TrainerCallback  # deferred: transformers takes seconds to import
 
         outer = self
 
@@ -101,12 +107,19 @@ class LogCallback:
             f.write(json.dumps(row) + "\n")
 
 
+def read_log(path: str | Path) -> list[dict]:
+    """The rows of a run's train_log.jsonl (`path`: the file or its run folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LOG
+    if not path.is_file():
+        raise InputError(f"{path}: no {LOG} (written by `medmerge train`)")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def plot_loss(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color="tab:blue")
     ax.set_xlabel("step")
@@ -119,8 +132,7 @@ def plot_loss(rows: list[dict], path: Path, title: str) -> None:
 
 
 def _load_model(cfg: TrainConfig, device: str):
-    import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # deferred: transformers and peft take seconds to import
 
     dtype = torch.bfloat16 if cfg.training.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(cfg.model), dtype=dtype)
@@ -156,7 +168,7 @@ def load_data(tokenizer, parts: Sequence[TrainConfig]) -> tuple[list[dict], dict
         rows, chosen = select_k(rows, part)
         part_examples, stats = build_examples(tokenizer, rows, part)
         examples += part_examples
-        data.append({"path": str(part.data.path), "sha256": data_path_sha256(part.data.path), "stage": part.stage,
+        data.append({"path": str(part.data.path), "sha256": files_sha256([part.data.path]), "stage": part.stage,
                      **stats})
         shots.append(None if chosen is None else {"k": part.k_shot, "seed": part.seed, "label": part.data.label,
                                                   "indices": chosen})
@@ -179,10 +191,8 @@ def train(cfg: TrainConfig, out: str | Path, *, force: bool = False, resume: boo
     `record_extra` is merged into medmerge_train.json; `log_keys` are values the trainer logs that
     train_log.jsonl keeps besides loss, learning rate and tokens/s.
     """
-    import torch
-    from transformers import AutoTokenizer, Trainer, TrainingArguments
-
-    from ..io.writer import atomic_output_dir, check_output
+    from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed  # deferred: seconds to import
+    from transformers.trainer_callback import PrinterCallback
 
     out = Path(out).absolute()
     check_output(out, force)
@@ -196,9 +206,7 @@ def train(cfg: TrainConfig, out: str | Path, *, force: bool = False, resume: boo
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     examples, data_record, k_shot_record = load_data(tokenizer, list(data_parts) or [cfg])
-    device = cfg.training.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(cfg.training.device, flag="training.device")
     work = work_dir(out)
     if resume:
         checkpoints = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -210,8 +218,6 @@ def train(cfg: TrainConfig, out: str | Path, *, force: bool = False, resume: boo
             shutil.rmtree(work)
         resume_from = None
     work.mkdir(parents=True, exist_ok=True)
-    from transformers import set_seed
-
     set_seed(cfg.seed)  # before the adapter is created: its random A init comes from the recorded seed
     model = (build_model or _load_model)(cfg, device)
     t = cfg.training
@@ -224,15 +230,13 @@ def train(cfg: TrainConfig, out: str | Path, *, force: bool = False, resume: boo
         include_num_input_tokens_seen="non_padding", disable_tqdm=not progress, remove_unused_columns=False,
         dataloader_num_workers=0, save_only_model=False,
     )
-    log = LogCallback(work / "train_log.jsonl", log_keys)
+    log = LogCallback(work / LOG, log_keys)
     if not resume and log.path.exists():
         log.path.unlink()
     trainer = (trainer_class or Trainer)(model=model, args=args, train_dataset=examples,
                                          data_collator=PadCollator(tokenizer.pad_token_id),
                                          callbacks=[log.callback, *callbacks])
     if not progress:
-        from transformers.trainer_callback import PrinterCallback
-
         trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from)
@@ -240,7 +244,7 @@ def train(cfg: TrainConfig, out: str | Path, *, force: bool = False, resume: boo
     tokens = trainer.state.num_input_tokens_seen
     if not trainer.is_world_process_zero():
         return TrainResult(out, trainer.state.global_step, output.training_loss, seconds, tokens / max(seconds, 1e-9))
-    rows_logged = [json.loads(x) for x in log.path.read_text().splitlines()] if log.path.exists() else []
+    rows_logged = read_log(log.path) if log.path.exists() else []
     record = {
         "stage": cfg.stage,
         "kind": "lora_adapter" if cfg.lora else "full_model",
@@ -253,7 +257,7 @@ def train(cfg: TrainConfig, out: str | Path, *, force: bool = False, resume: boo
                    "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None},
         "seed": cfg.seed,
         "config": cfg.model_dump(mode="json"),
-        "versions": _versions(),
+        "versions": library_versions(*RECORDED_LIBRARIES),
         **(record_extra or {}),
     }
     with atomic_output_dir(out, force=force) as tmp:
@@ -264,7 +268,7 @@ def train(cfg: TrainConfig, out: str | Path, *, force: bool = False, resume: boo
         tokenizer.save_pretrained(str(tmp))
         (tmp / "train_config.yml").write_text(dump_config(cfg))
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        shutil.copyfile(log.path, tmp / "train_log.jsonl") if log.path.exists() else (tmp / "train_log.jsonl").touch()
+        shutil.copyfile(log.path, tmp / LOG) if log.path.exists() else (tmp / LOG).touch()
         if rows_logged:
             plot_loss(rows_logged, tmp / "loss.png", record.get("title")
                       or f"{cfg.stage} {'LoRA' if cfg.lora else 'full'}: {cfg.data.path.name}")
@@ -272,14 +276,3 @@ def train(cfg: TrainConfig, out: str | Path, *, force: bool = False, resume: boo
     loss = output.training_loss if output.training_loss is not None else math.nan
     return TrainResult(out, trainer.state.global_step, loss, seconds, record["result"]["tokens_per_s"] or 0.0, record)
 
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("medmerge", "torch", "transformers", "peft", "accelerate"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out

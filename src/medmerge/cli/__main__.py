@@ -1,0 +1,5 @@
+"""`python -m medmerge.cli ...` (and `accelerate launch -m medmerge.cli train ...`)."""
+
+from . import app
+
+app()

@@ -1,0 +1,48 @@
+"""`medmerge adapters merge`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..adapters.inputs import parse_adapter_arg
+from ..adapters.merge import merge_adapters, summary
+from .app import adapters_app
+from .common import command, console
+
+
+@command(adapters_app, "merge")
+def adapters_merge_cmd(
+    base: str = typer.Option(..., "--base", help="the base model folder the adapters were trained on"),
+    adapter: list[str] = typer.Option(..., "--adapter", help="PATH:WEIGHT of a PEFT LoRA adapter (repeat); "
+                                      "negative weights subtract"),
+    out: Path = typer.Option(..., "--out", help="output folder (written atomically)"),
+    method: str = typer.Option("exact", "--method", help="exact, cat, svd, ties, dare_linear, dare_ties, "
+                               "magnitude_prune (all act on dW_i = s_i B_i A_i)"),
+    as_: str = typer.Option("full", "--as", help="full: merged model weights; adapter: a PEFT adapter"),
+    rank: Optional[int] = typer.Option(None, "--rank", help="rank of an SVD adapter export (default: sum of ranks)"),
+    density: Optional[float] = typer.Option(None, "--density", help="fraction of each dW_i kept (ties, dare_*, "
+                                            "magnitude_prune)"),
+    seed: int = typer.Option(0, "--seed", help="seed of DARE's random drops (recorded)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="output dtype of a full export (default: the base's)"),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="largest output shard, e.g. 5GB"),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="a module missing from an adapter counts "
+                                       "as dW = 0"),
+    no_base_check: bool = typer.Option(False, "--no-base-check", help="skip the same-base check (fingerprint, "
+                                       "else base config)"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="read pickle adapters/bases you trust"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="before the output is moved into place: read "
+                                "back every tensor (CRC-32) and recompute a sample of modules"),
+    verify_all: bool = typer.Option(False, "--verify-all", help="recompute every module instead of a sample "
+                                    "(what `medmerge verify OUT` does)"),
+    force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Merge LoRA adapters exactly: W = W0 + sum_i w_i dW_i, as full weights or as an adapter."""
+    record = merge_adapters(
+        base, [parse_adapter_arg(a) for a in adapter], out, method=method, as_=as_, density=density, rank=rank,
+        seed=seed, dtype=dtype, shard_size=shard_size, allow_missing=allow_missing, allow_pickle=allow_pickle,
+        check_base=not no_base_check, verify="full" if verify_all else verify, force=force, progress=not quiet)
+    console.print(summary(record, out))

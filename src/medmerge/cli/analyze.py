@@ -1,0 +1,71 @@
+"""`medmerge analyze decoding | leakage | loss`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ..experiments.analysis import DEFAULT_SETTINGS, decoding_grid, decoding_table, reasoning_leakage
+from ..experiments.plots import loss_curves
+from .app import analyze_app
+from .common import command, console, labelled, stdout
+
+
+@command(analyze_app, "decoding")
+def analyze_decoding_cmd(
+    model: Path = typer.Argument(..., help="a local model folder"),
+    tasks: str = typer.Option(..., "--tasks", help="comma-separated task names"),
+    out: Path = typer.Option(..., "--out", help="output folder"),
+    setting: Optional[list[str]] = typer.Option(None, "--setting", help="greedy, or t=0.6,p=0.8 / rp=1.2 (repeat); "
+                                                "default: greedy, t=0.6,p=0.8, t=0.7,p=0.9, rp=1.2"),
+    include_path: Optional[list[Path]] = typer.Option(None, "--include-path", help="extra task folder (repeat)"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="data folder of the tasks"),
+    limit: Optional[float] = typer.Option(None, "--limit", help="samples per task"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    device: str = typer.Option("auto", "--device"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
+    seed: int = typer.Option(1234, "--seed", help="seed of the sampled settings (recorded)"),
+    pattern: str = typer.Option(r"<think>.*?</think>", "--reasoning-pattern", help="regex of a reasoning span"),
+    force: bool = typer.Option(False, "--force"),
+) -> None:
+    """Evaluate MODEL under a grid of decoding settings: a table and a plot per metric, and reasoning leakage."""
+    report = decoding_grid(model, setting or DEFAULT_SETTINGS, [t.strip() for t in tasks.split(",") if t.strip()],
+                           out, max_new_tokens=max_new_tokens, reasoning_pattern=pattern, force=force,
+                           include_paths=include_path or [], data_dir=data_dir, limit=limit,
+                           batch_size=batch_size, device=device, seed=seed)
+    stdout.print(decoding_table(report))
+    console.print(f"wrote {out / 'decoding.json'}, decoding.md, decoding.png")
+
+
+@command(analyze_app, "leakage")
+def analyze_leakage_cmd(
+    runs: list[str] = typer.Argument(..., help="eval folders written with --log-samples, as DIR or LABEL=DIR"),
+    pattern: str = typer.Option(r"<think>.*?</think>", "--reasoning-pattern", help="regex of a reasoning span"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the counts here"),
+) -> None:
+    """Share of generated outputs that contain a reasoning span, per run and task."""
+    report = reasoning_leakage(labelled(runs), pattern)
+    table = Table(title=f"reasoning leakage ({pattern})")
+    for col in ("run", "outputs", "with a reasoning span", "rate"):
+        table.add_column(col)
+    for label, r in report.items():
+        table.add_row(label, str(r["outputs"]), str(r["matches"]), f"{r['rate']:.3f}")
+    stdout.print(table)
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+@command(analyze_app, "loss")
+def analyze_loss_cmd(
+    runs: list[str] = typer.Argument(..., help="training output folders or train_log.jsonl files, as PATH or "
+                                     "LABEL=PATH"),
+    out: Path = typer.Option(..., "--out", help="PNG to write"),
+    title: str = typer.Option("training loss", "--title"),
+) -> None:
+    """One plot with the training (and eval) loss of several `medmerge train` runs."""
+    loss_curves(labelled(runs), out, title)
+    console.print(f"wrote {out}")

@@ -1,0 +1,56 @@
+"""What every command shares: the consoles, and the one place errors become exit codes.
+
+A command parses its options, calls one library function and prints what it returns. Errors
+that reach the user are `MedmergeError`s (each names what is wrong, where, and what to do):
+`command` prints them and exits with status 2; Ctrl-C exits with 130 and says what was kept.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Callable
+
+import typer
+from rich.console import Console
+
+from ..errors import MedmergeError
+
+console = Console(stderr=True)  # messages, notes and errors
+stdout = Console()  # results: tables and reports
+
+
+def fail(e: Exception) -> None:
+    console.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(2)
+
+
+def command(group: typer.Typer, name: str, *, interrupted: str = "nothing was written", **settings) -> Callable:
+    """Register the decorated function as command `name` of `group`, with the error-to-exit-code handling."""
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except MedmergeError as e:
+                fail(e)
+            except KeyboardInterrupt:
+                console.print(f"[bold red]interrupted:[/] {interrupted}")
+                raise typer.Exit(130)
+
+        group.command(name, **settings)(run)
+        return run
+
+    return decorate
+
+
+def labelled(runs: list[str]) -> dict[str, str]:
+    """'LABEL=PATH' or 'PATH' (labelled by its folder name) -> {label: path}."""
+    return dict(r.split("=", 1) if "=" in r else (Path(r).name, r) for r in runs)
+
+
+def group(app: typer.Typer, name: str, help: str) -> typer.Typer:
+    """A sub-command group (`medmerge NAME ...`) of `app`."""
+    sub = typer.Typer(no_args_is_help=True, help=help)
+    app.add_typer(sub, name=name)
+    return sub

@@ -1,0 +1,112 @@
+"""`medmerge demo`, `medmerge sweep`, `medmerge fewshot`, `medmerge report`, `medmerge pipeline ...`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..experiments import medcare_vs_lora, two_stage_lora
+from ..experiments.demo import run_demo
+from ..experiments.fewshot import run as run_fewshot
+from ..experiments.report import write_report
+from ..experiments.sweep.run import run as run_sweep
+from .app import app, pipeline_app
+from .common import command, console, stdout
+
+
+@command(app, "demo", interrupted="finished steps are kept in OUT; run again to continue")
+def demo_cmd(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="the demo's run folder (world, sweep, fewshot, report)"),
+    preset: str = typer.Option("quick", "--preset", help="quick (<= 4 min on 2 cores) or full (<= 15 min)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the world, the merges and the fine-tuning"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """The whole experiment on the synthetic clinical world: forgetting, merge sweep, few-shot, report."""
+    run_demo(out, preset=preset, seed=seed, progress=not quiet)
+
+
+@command(pipeline_app, "two-stage-lora", interrupted="finished steps are kept in OUT; run again to continue")
+def two_stage_lora_cmd(
+    config: Path = typer.Argument(..., help="recipe YAML (see examples/two_stage_lora.yaml)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="KEY=VALUE overrides, e.g. merge.w_pt=[0,0.5]"),
+    out: Path = typer.Option(..., "--out", help="run folder; an interrupted run continues where it stopped"),
+    force: bool = typer.Option(False, "--force", help="start over in OUT"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """PT LoRA, a fresh SFT LoRA, exact weighted merges of the two, evaluation of each, and a table."""
+    results = two_stage_lora.run(config, out, overrides=overrides or [], force=force, progress=not quiet)
+    stdout.print(results.markdown)
+    console.print(f"results: {out / 'results.json'}; wall time {results['wall_time_s']} s")
+
+
+@command(app, "sweep", interrupted="finished points are cached in OUT/cache; run again to resume")
+def sweep_cmd(
+    config: Path = typer.Argument(..., help="sweep YAML (see examples/sweep_miniclinic.yaml, docs/sweeps.md)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="KEY=VALUE overrides, e.g. eval.limit=50"),
+    out: Path = typer.Option(Path("runs/sweep"), "--out", help="run folder (sweep.jsonl, summary, plots, cache/)"),
+    search: Optional[str] = typer.Option(None, "--search", help="optuna: multi-objective search (the search: "
+                                         "section) instead of the grid"),
+    trials: Optional[int] = typer.Option(None, "--trials", help="optuna: completed trials the study stops at"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="optuna study storage shared by workers: "
+                                          "sqlite:///study.db or postgresql://... (default OUT/study.db)"),
+    worker: int = typer.Option(0, "--worker", help="this worker's index (distinct per worker; seeds its sampler)"),
+    limit: Optional[float] = typer.Option(None, "--limit", help="score each point on the first N documents of each "
+                                          "task (or a fraction < 1); overrides eval.limit"),
+    subset: Optional[int] = typer.Option(None, "--subset", help="score each point on a fixed, seeded dev subset of N "
+                                         "documents per task; overrides eval.subset"),
+    export_best: Optional[Path] = typer.Option(None, "--export-best", help="write the best point's merge here"),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="result cache folder (default OUT/cache; share it "
+                                         "between sweeps of the same models)"),
+    force: bool = typer.Option(False, "--force", help="drop OUT's cached results and replace --export-best"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Merge in memory over a grid or an optuna search, evaluate each point, report the Pareto front and best."""
+    summary = run_sweep(config, out, overrides=overrides or [], force=force, export_best=export_best,
+                        export_force=force, search=search, trials=trials, storage=storage, worker=worker, cache=cache,
+                        limit=limit, subset=subset, progress=not quiet)
+    stdout.print(summary.markdown)
+    e = summary["evaluations"]
+    console.print(f"{summary['points']} points, {e['run']} evaluations run, {e['cached']} from cache -> {out}")
+    if summary.get("exported"):
+        console.print(f"best merge written to {summary['exported']['path']}")
+
+
+@command(app, "fewshot", interrupted="finished steps are kept in OUT; run again to continue")
+def fewshot_cmd(
+    config: Path = typer.Argument(..., help="few-shot YAML (see examples/fewshot_miniclinic.yaml)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="KEY=VALUE overrides, e.g. k=[16,64]"),
+    out: Path = typer.Option(Path("runs/fewshot"), "--out", help="run folder; an interrupted run continues"),
+    force: bool = typer.Option(False, "--force", help="start over in OUT"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Fine-tune each starting point (instruct, a merge) on k examples; plot score against k; test the claim."""
+    result = run_fewshot(config, out, overrides=overrides or [], force=force, progress=not quiet)
+    stdout.print(result.markdown)
+    console.print(f"results: {out / 'fewshot.json'}; plot {out / 'fewshot.png'}; wall time {result['wall_time_s']} s")
+
+
+@command(app, "report")
+def report_cmd(
+    run: Path = typer.Argument(..., help="a run folder: medmerge demo, sweep, fewshot or pipeline output"),
+    title: Optional[str] = typer.Option(None, "--title", help="the report's title"),
+    force: bool = typer.Option(False, "--force", help="replace an existing report.html / report.md"),
+) -> None:
+    """Write RUN/report.html (self-contained, images embedded) and RUN/report.md."""
+    info = write_report(run, title=title, force=force)
+    console.print(f"{len(info['sections'])} sections, {info['images']} images -> {info['html']} and {info['md']}")
+
+
+@command(pipeline_app, "medcare", interrupted="finished steps are kept in OUT; run again to continue")
+def medcare_pipeline_cmd(
+    config: Path = typer.Argument(..., help="experiment YAML (see examples/medcare_miniclinic.yaml)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="KEY=VALUE overrides, e.g. stage2.alignment.lambda=1"),
+    out: Path = typer.Option(..., "--out", help="run folder; an interrupted run continues where it stopped"),
+    force: bool = typer.Option(False, "--force", help="start over in OUT"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """MedCare (two stages, exported) vs plain LoRA vs full fine-tuning, plus the keep-noise ablation, evaluated."""
+    results = medcare_vs_lora.run(config, out, overrides=overrides or [], force=force, progress=not quiet)
+    stdout.print(results.markdown)
+    console.print(f"results: {out / 'results.json'}; wall time {results['wall_time_s']} s")

@@ -1,0 +1,119 @@
+"""What every experiment config shares: an optional `world:` section, ${VAR} expansion, the `eval:` section.
+
+`world: {preset: quick|full, seed: S}` builds the synthetic clinical world (cached)
+into OUT/world, `world: {dir: PATH}` reuses a built one; either way `${world}` and
+`${world_tasks}` expand in the rest of the config, as do environment variables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+from pydantic import ValidationError
+
+from ..errors import ConfigError
+from ..miniclinic.build import build
+from ..miniclinic.world import TASKS_DIR
+from ..settings import Strict, apply_overrides, read_yaml, validation_message
+
+
+class WorldSettings(Strict):
+    preset: str = "quick"
+    seed: int = 0
+    dir: Optional[Path] = None  # an already built world (`medmerge miniclinic build`) instead of OUT/world
+
+
+class EvalSettings(Strict):
+    """Which tasks every model of an experiment is evaluated on, and how (`medmerge eval`'s options)."""
+
+    tasks: list[str] = []
+    include_paths: list[Path] = []
+    task_files: list[Path] = []
+    data_dir: Optional[Path] = None
+    limit: Optional[float] = None
+    batch_size: int = 8
+    device: str = "auto"
+    max_new_tokens: Optional[int] = None
+    chat_template: str = "auto"
+
+    def kwargs(self, seed: int) -> dict:
+        """Keyword arguments of `evaluation.evaluate` (without the model, tasks and output)."""
+        return dict(include_paths=self.include_paths, task_files=self.task_files, data_dir=self.data_dir,
+                    limit=self.limit, batch_size=self.batch_size, device=self.device,
+                    chat_template=self.chat_template, seed=seed,
+                    gen_kwargs={"max_new_tokens": self.max_new_tokens} if self.max_new_tokens else None)
+
+
+def resolve_eval_paths(ev: Optional[dict], rel) -> dict:
+    """An `eval:` section with its include paths, task files and data folder made absolute."""
+    ev = dict(ev or {})
+    for key in ("include_paths", "task_files"):
+        ev[key] = [rel(p) for p in ev.get(key) or []]
+    if ev.get("data_dir"):
+        ev["data_dir"] = rel(ev["data_dir"])
+    return ev
+
+
+_VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
+def expand(value, variables: dict[str, str]):
+    """${name} / $name in every string of a nested config: `variables` first, then the environment."""
+    if isinstance(value, str):
+        def sub(m):
+            key = m.group(1) or m.group(2)
+            if key in variables:
+                return variables[key]
+            if key in os.environ:
+                return os.environ[key]
+            raise ConfigError(f"${{{key}}} is not set: export it, or use ${{world}} with a world: section")
+        return _VAR.sub(sub, value)
+    if isinstance(value, list):
+        return [expand(v, variables) for v in value]
+    if isinstance(value, dict):
+        return {k: expand(v, variables) for k, v in value.items()}
+    return value
+
+
+def prepare_world(section: Optional[dict], config_path: Path, out: Path, progress: bool = True) -> tuple[dict, Optional[dict]]:
+    """Build or locate the world a config's `world:` section asks for -> (variables, world info)."""
+    if not section:
+        return {}, None
+    try:
+        ws = WorldSettings(**section)
+    except ValidationError as e:
+        raise ConfigError(f"{config_path}: world: {validation_message(e)}") from None
+    if ws.dir is not None:
+        world_dir = ws.dir if ws.dir.is_absolute() else (config_path.parent / ws.dir).resolve()
+        if not (world_dir / "summary.json").is_file():
+            raise ConfigError(f"world.dir {world_dir} is not a built world (no summary.json); build it with "
+                              "`medmerge miniclinic build`, or drop world.dir to build one into OUT/world")
+    else:
+        world_dir = out / "world"
+        if not (world_dir / "summary.json").is_file():
+            build(world_dir, preset=ws.preset, seed=ws.seed, force=True, progress=progress)
+    summary = json.loads((world_dir / "summary.json").read_text())
+    info = {"dir": str(world_dir), "preset": summary.get("preset"), "seed": summary.get("seed"),
+            "code_version": summary.get("code_version")}
+    return {"world": str(world_dir), "world_tasks": str(TASKS_DIR)}, info
+
+
+def relative_to(root: Path):
+    """A function resolving a config's relative paths against the config file's folder."""
+    def rel(p):
+        return p if p is None or Path(p).is_absolute() else str((root / p).resolve())
+    return rel
+
+
+def read_experiment(path: Path, out: Path, overrides, what: str, progress: bool = True):
+    """Read an experiment YAML (+ KEY=VALUE overrides), build or find its world, expand variables.
+
+    Returns (raw dict, a resolver of relative paths against the file's folder, world info or None).
+    """
+    raw = apply_overrides(read_yaml(path, what), list(overrides))
+    variables, world = prepare_world(raw.get("world"), path, out, progress=progress)
+    return expand(raw, variables), relative_to(path.parent), world

@@ -1,0 +1,157 @@
+"""`medmerge demo`: the whole experiment on the embedded synthetic clinical world, ending in a report.
+
+1. build (or copy from the cache) the world: base, instruct, clinical, instruct_ft;
+2. sweep linear, SLERP, task arithmetic, TIES and DARE-TIES merges of clinical x instruct
+   in memory, with base and instruct_ft as references: the forgetting (instruct vs
+   instruct fine-tuned on the clinical task), the Pareto front, the best merge that keeps
+   at least half of instruct's instruction following;
+3. the few-shot experiment: instruct and that merge fine-tuned on 16, 64 and 256 examples;
+4. report.html / report.md, a short table on the terminal.
+
+Everything is written as configs under OUT/configs first, then run by the same commands
+users run (`medmerge sweep`, `medmerge fewshot`, `medmerge report`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import MedmergeError
+from ..miniclinic.build import build, code_version
+from ..miniclinic.world import TASKS_DIR
+from .fewshot import run as run_fewshot
+from .report import write_report
+from .rundir import open_run_dir
+from .sweep.run import run as run_sweep
+
+TASKS = ["mm_miniclinic_if", "mm_miniclinic_mcq", "mm_miniclinic_gen"]
+SCORES = {"if_metric": "mm_miniclinic_if/prompt_level_strict_acc",
+          "clinical_metrics": ["mm_miniclinic_mcq/acc", "mm_miniclinic_gen/rougeL"]}
+GRID = [
+    {"method": "linear", "t": [0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9]},
+    {"method": "slerp", "t": [0.1, 0.2, 0.3, 0.5, 0.7]},
+    {"method": "task_arithmetic", "t": [0.1, 0.3, 0.5]},
+    {"method": "ties", "t": [0.1, 0.3, 0.5, 0.7], "density": [0.5]},
+    {"method": "dare_ties", "t": [0.1, 0.3, 0.5, 0.7], "density": [0.5]},
+]
+PRESETS = {
+    # eval documents per task, few-shot steps (the same for every k and start)
+    "quick": {"limit": 50, "fewshot_steps": 30},
+    "full": {"limit": 100, "fewshot_steps": 60},
+}
+IF_RETENTION_MIN = 50.0
+
+
+def _eval_section(world: Path, limit: int) -> dict:
+    return {"tasks": TASKS, "include_paths": [str(TASKS_DIR)], "data_dir": str(world / "data"), "limit": limit,
+            "batch_size": 32, "max_new_tokens": 48, "device": "cpu"}
+
+
+def sweep_config(world: Path, limit: int, seed: int) -> dict:
+    models = {m: str(world / "models" / m) for m in ("base", "clinical", "instruct", "instruct_ft")}
+    return {"models": models, "references": ["instruct", "clinical", "base", "instruct_ft"], "grid": GRID,
+            "eval": _eval_section(world, limit), "scores": SCORES,
+            "select": {"if_retention_min": IF_RETENTION_MIN, "maximize": "clinical"}, "seed": seed, "device": "cpu"}
+
+
+def fewshot_config(world: Path, sweep_dir: Path, limit: int, steps: int, seed: int) -> dict:
+    return {
+        "starts": {"instruct": str(world / "models" / "instruct"), "merged": {"sweep": str(sweep_dir)}},
+        "data": {"path": str(world / "data" / "tasks" / "gen_train.jsonl"), "prompt": "prompt",
+                 "response": "impression"},
+        "k": [16, 64, 256], "seed": seed, "max_seq_length": 128,
+        "training": {"max_steps": steps, "batch_size": 16, "lr": 2e-3, "warmup_ratio": 0.05,
+                     "logging_steps": max(1, steps // 10), "save_steps": 10 ** 9, "threads": 2, "device": "cpu"},
+        "eval": _eval_section(world, limit), "scores": SCORES,
+        "claim": {"model": "merged", "k": 64, "versus": "instruct", "versus_k": 256, "tolerance": 1.0},
+    }
+
+
+def forgetting(summary: dict) -> dict:
+    refs = summary["references"]
+    before, after = refs["instruct"], refs["instruct_ft"]
+    kept = 100 * after["if_score"] / before["if_score"] if before["if_score"] else None
+    statement = (f"Fine-tuning on the clinical task moved instruction following from {before['if_score']:.1f} to "
+                 f"{after['if_score']:.1f}" + (f" ({kept:.0f}% kept)" if kept is not None else "")
+                 + f" and the clinical composite from {before['clinical_score']:.1f} to {after['clinical_score']:.1f}.")
+    return {"before": "instruct", "after": "instruct_ft", "if_metric": summary["if_metric"],
+            "clinical_metrics": summary["clinical_metrics"], "if_kept_pct": kept, "statement": statement,
+            "models": [{"name": n, "if_score": refs[n]["if_score"], "clinical_score": refs[n]["clinical_score"]}
+                       for n in ("base", "instruct", "instruct_ft", "clinical")]}
+
+
+def run_demo(out: str | Path = "runs/demo", preset: str = "quick", seed: int = 0, *, progress: bool = True) -> dict:
+    """Run the demo into OUT (re-runs reuse the world cache and the sweep's result cache)."""
+    if preset not in PRESETS:
+        raise MedmergeError(f"unknown preset {preset!r}; use quick or full")
+    p = PRESETS[preset]
+    console = Console()
+    out = open_run_dir(out, force=False, results=())
+    started = time.perf_counter()
+    timings = {}
+
+    world = out / "world"
+    previous = json.loads((world / "summary.json").read_text()) if (world / "summary.json").is_file() else {}
+    if (previous.get("preset"), previous.get("seed"), previous.get("code_version")) != (preset, seed, code_version()):
+        console.print(f"[bold]1/4[/] the synthetic clinical world ({preset}; from the cache when built before)")
+        build(world, preset=preset, seed=seed, force=True, progress=progress)
+    timings["world"] = round(time.perf_counter() - started, 1)
+
+    configs = out / "configs"
+    configs.mkdir(exist_ok=True)
+    (configs / "sweep.yml").write_text(yaml.safe_dump(sweep_config(world, p["limit"], seed), sort_keys=False))
+    console.print("[bold]2/4[/] sweeping linear, SLERP, task arithmetic, TIES and DARE-TIES merges in memory")
+    t0 = time.perf_counter()
+    sweep = run_sweep(configs / "sweep.yml", out / "sweep", progress=progress)
+    timings["sweep"] = round(time.perf_counter() - t0, 1)
+
+    (configs / "fewshot.yml").write_text(yaml.safe_dump(
+        fewshot_config(world, out / "sweep", p["limit"], p["fewshot_steps"], seed), sort_keys=False))
+    console.print("[bold]3/4[/] few-shot fine-tuning of instruct and the best merge on 16, 64 and 256 examples")
+    t0 = time.perf_counter()
+    few = run_fewshot(configs / "fewshot.yml", out / "fewshot", force=True, progress=progress)
+    timings["fewshot"] = round(time.perf_counter() - t0, 1)
+
+    console.print("[bold]4/4[/] the report")
+    forget = forgetting(sweep)
+    best = sweep.get("best")
+    headline = [forget["statement"],
+                (f"Best merge keeping at least {IF_RETENTION_MIN:g}% of instruct's instruction following: "
+                 f"{best['label']} (IF {best['if_score']:.1f}, clinical {best['clinical_score']:.1f})." if best
+                 else f"No merge keeps {IF_RETENTION_MIN:g}% of instruct's instruction following."),
+                few["claim"]["measured"] if few.get("claim") else ""]
+    timings["total"] = round(time.perf_counter() - started, 1)
+    demo = {"schema": "medmerge.demo/1", "preset": preset, "seed": seed, "forgetting": forget, "best": best,
+            "fewshot_claim": few.get("claim"), "headline": [h for h in headline if h], "timings_s": timings,
+            "sweep": str(out / "sweep"), "fewshot": str(out / "fewshot")}
+    (out / "demo.json").write_text(json.dumps(demo, indent=2, default=str) + "\n")
+    report = write_report(out, title=f"medmerge demo ({preset} preset)", force=True)
+    demo["timings_s"]["total"] = round(time.perf_counter() - started, 1)
+    demo["report"] = report["html"]
+    (out / "demo.json").write_text(json.dumps(demo, indent=2, default=str) + "\n")
+    print_summary(console, demo, few)
+    return demo
+
+
+def print_summary(console: Console, demo: dict, few: dict) -> None:
+    table = Table(title="medmerge demo")
+    for col in ("model", "instruction following", "clinical composite"):
+        table.add_column(col)
+    for m in demo["forgetting"]["models"]:
+        table.add_row(m["name"], f"{m['if_score']:.1f}", f"{m['clinical_score']:.1f}")
+    b = demo.get("best")
+    if b:
+        table.add_row(f"best merge: {b['label']}", f"{b['if_score']:.1f}", f"{b['clinical_score']:.1f}")
+    for r in few["runs"]:
+        if (r["start"], r["k"]) in (("merged", 64), ("instruct", 256)):
+            table.add_row(f"{r['start']} + {r['k']} examples", f"{r['if_score']:.1f}", f"{r['clinical_score']:.1f}")
+    console.print(table)
+    for line in demo["headline"]:
+        console.print(line)
+    console.print(f"report: {demo['report']} (wall time {demo['timings_s']['total']:.0f} s)")

@@ -1,0 +1,131 @@
+"""`medmerge sweep` configuration (SWEEP.yml).
+
+    world: {preset: quick}                 # optional: the synthetic world; ${world} expands below
+    models:                                # role -> local model folder
+      base: ${world}/models/base           #   the shared ancestor (task-vector methods)
+      clinical: ${world}/models/clinical   #   the domain model: t is its share
+      instruct: ${world}/models/instruct   #   the general instruct model: 1 - t
+    roles: {domain: clinical, general: instruct, base: base}
+    references: [instruct, clinical]       # evaluated as they are; retention is relative to these
+    grid:
+      - {method: linear, t: [0, 0.25, 0.5, 0.75, 1]}
+      - {method: ties, t: [0.3, 0.5, 0.7], density: [0.5, 0.8]}
+      - {method: slerp, t: [[0.2, 0.8]]}   # a list value is a per-layer gradient
+      - {config: {merge_method: task_arithmetic, base_model: base, models: [...]}, label: my-point}
+    eval: {tasks: [...], limit: 100, subset: null, batch_size: 16, max_new_tokens: 64}
+    scores:
+      if_metric: mm_ifeval/mean            # I: instruction following (TASK/METRIC or TASK/mean)
+      clinical_metrics: [mm_pubmedqa/acc, mm_mts_dialog/composite]   # C: their mean (0-100 scale)
+    select: {if_retention_min: 95, maximize: clinical}
+    halving: {rungs: [0.25, 0.5, 1.0], keep: 0.5, check: false}
+    search: {sampler: nsga2, trials: 40, methods: [ties], space: {t: [0, 1], density: [0.2, 1]}, layer_groups: 2}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import Field, model_validator
+
+from ...errors import ConfigError
+from ...settings import Strict, validated
+from ..config import EvalSettings, WorldSettings, read_experiment, resolve_eval_paths
+
+class RoleNames(Strict):
+    domain: str = "clinical"
+    general: str = "instruct"
+    base: str = "base"
+
+
+class SweepEval(EvalSettings):
+    subset: Optional[int] = Field(None, ge=1)  # a fixed, seeded dev subset of N documents per task
+    batch_size: int = 16
+
+
+class Scores(Strict):
+    if_metric: str = "mm_ifeval/mean"
+    clinical_metrics: list[str] = []  # default: every other task's composite or acc (as `medmerge compare`)
+
+
+class Select(Strict):
+    if_retention_min: Optional[float] = Field(95.0, ge=0)  # % of the general (instruct) reference's IF score
+    maximize: Literal["clinical", "if"] = "clinical"
+
+
+class Halving(Strict):
+    rungs: list[float] = [0.25, 0.5, 1.0]  # shares of the evaluation set, increasing, ending at 1
+    keep: float = Field(0.5, gt=0, lt=1)  # share of candidates promoted to the next rung
+    check: bool = False  # also score every candidate on the full set, to measure how well the cheap ranking agreed
+
+    @model_validator(mode="after")
+    def _rungs(self):
+        r = self.rungs
+        if not r or any(not 0 < x <= 1 for x in r) or sorted(r) != r or len(set(r)) != len(r) or r[-1] != 1.0:
+            raise ValueError("rungs must increase strictly, lie in (0, 1] and end at 1.0, e.g. [0.25, 0.5, 1.0]")
+        return self
+
+
+class Search(Strict):
+    sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
+    trials: int = Field(20, ge=1)
+    methods: list[str] = ["ties"]
+    space: dict[str, list[float]] = {"t": [0.0, 1.0]}  # parameter -> [low, high]
+    fixed: dict[str, Any] = {}  # parameters held constant (e.g. lambda: 1.0)
+    layer_groups: int = Field(1, ge=1)  # > 1: t is searched per group of layers (a per-layer gradient)
+    study: str = "medmerge-sweep"
+    storage: Optional[str] = None  # default sqlite:///OUT/study.db
+    population: int = Field(8, ge=2)  # NSGA-II population size
+
+    @model_validator(mode="after")
+    def _space(self):
+        for name, bounds in self.space.items():
+            if len(bounds) != 2 or not bounds[0] < bounds[1]:
+                raise ValueError(f"space.{name} must be [low, high] with low < high")
+        if not self.methods:
+            raise ValueError("methods is empty")
+        return self
+
+
+class SweepConfig(Strict):
+    world: Optional[WorldSettings] = None
+    models: dict[str, Path]
+    roles: RoleNames = RoleNames()
+    references: list[str] = ["instruct", "clinical"]
+    load: Optional[str] = None  # the model whose architecture/tokenizer is loaded (default: roles.general)
+    grid: list[dict[str, Any]] = []
+    eval: SweepEval
+    scores: Scores = Scores()
+    select: Select = Select()
+    halving: Optional[Halving] = None
+    search: Optional[Search] = None
+    seed: int = 0
+    dtype: Optional[str] = None  # the loaded model's and the merges' dtype (default float32)
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        for name in (self.roles.domain, self.roles.general):
+            if name not in self.models:
+                raise ValueError(f"roles: {name!r} is not in models ({', '.join(self.models)})")
+        for ref in self.references:
+            if ref not in self.models:
+                raise ValueError(f"references: {ref!r} is not in models ({', '.join(self.models)})")
+        if not self.eval.tasks and not self.eval.task_files:
+            raise ValueError("eval.tasks is empty: name the tasks every point is scored on")
+        if self.eval.subset is not None and self.eval.limit is not None and self.eval.subset > self.eval.limit >= 1:
+            raise ValueError("eval.subset is larger than eval.limit")
+        return self
+
+
+def load_config(path: str | Path, out: Path, overrides: list[str] = (), progress: bool = True) -> tuple[SweepConfig, dict]:
+    """Read SWEEP.yml (+ overrides), build or find the world, expand variables, resolve relative paths."""
+    path = Path(path)
+    raw, rel, world = read_experiment(path, out, overrides, "sweep config", progress)
+    if isinstance(raw.get("models"), dict):
+        raw["models"] = {k: rel(v) for k, v in raw["models"].items()}
+    raw["eval"] = resolve_eval_paths(raw.get("eval"), rel)
+    cfg = validated(SweepConfig, raw, path)
+    if not cfg.grid and cfg.search is None:
+        raise ConfigError(f"{path}: nothing to do: add a `grid:` of points or a `search:` section")
+    return cfg, {"world": world, "config_file": str(path.absolute())}

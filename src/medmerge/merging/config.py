@@ -1,0 +1,127 @@
+"""mergekit-compatible merge configuration (the `models:` form).
+
+A parameter value is a scalar, a gradient (a list interpolated over the layer
+index), or a list of `{filter, value}` conditions where the first whose filter
+is a substring of the tensor name wins. Per-model parameters take precedence
+over the top-level `parameters`. Tensors outside the repeated layers
+(embeddings, final norm, lm_head) resolve gradients at t = 0, as mergekit 0.1.5.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from ..errors import ConfigError
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+UNSUPPORTED_KEYS = {
+    "slices": "layer-range slicing (`slices`) is not supported; use the `models:` form",
+    "modules": "per-module configs (`modules`) are not supported; use the `models:` form",
+    "tokenizer": "the `tokenizer:` block is not supported; use `tokenizer_source: base | union | <model>`",
+    "chat_template": "`chat_template` is not supported; the tokenizer (and its template) comes from `tokenizer_source`",
+}
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: Optional[dict[str, Any]] = None
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_ref(cls, v):
+        if isinstance(v, dict):  # mergekit's {model: {path: ...}} spelling
+            inner = v.get("model", v)
+            v = inner.get("path") if isinstance(inner, dict) else inner
+        return v
+
+
+class MergeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    models: list[ModelEntry]
+    base_model: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    random_seed: Optional[int] = None
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v):
+        if v is not None and v not in DTYPES:
+            raise ValueError(f"{v!r} is not one of {', '.join(DTYPES)}")
+        return v
+
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def _base_ref(cls, v):
+        return ModelEntry._model_ref(v)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False)
+
+
+def parse_config(data: Union[dict, str, Path], source: str = "config") -> MergeConfig:
+    """Parse a dict, YAML text or YAML file; errors name the key and what to do."""
+    if isinstance(data, Path) or (isinstance(data, str) and "\n" not in data and data.endswith((".yml", ".yaml"))):
+        path = Path(data)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        source = str(path)
+        data = path.read_text()
+    if isinstance(data, str):
+        try:
+            data = yaml.safe_load(data)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with merge_method and models")
+    data = {k: v for k, v in data.items() if k != "provenance"}  # medmerge.yml's record
+    for key, why in UNSUPPORTED_KEYS.items():
+        if key in data:
+            raise ConfigError(f"{source}: key `{key}`: {why}")
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = "unknown key (not a medmerge/mergekit option)" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"`{loc}`: {msg}")
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+
+
+def evaluate_setting(tensor_name: str, setting: Any, t: float, coerce: Callable[[Any], Any]) -> Any:
+    """Resolve one parameter setting for one tensor; None when no condition matches."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)):
+        return coerce(setting)
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(e, (bool, int, float, str)) for e in setting):
+            values = [coerce(e) for e in setting]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                return values[int(t * (len(values) - 1))]
+            scaled = t * (len(values) - 1)
+            i0 = int(scaled)
+            i1 = min(len(values) - 1, i0 + 1)
+            frac = scaled - i0
+            return coerce((1 - frac) * values[i0] + frac * values[i1])
+        for cond in setting:
+            if not isinstance(cond, dict) or "value" not in cond:
+                raise ConfigError(f"parameter condition {cond!r} needs `value` (and optionally `filter`)")
+            flt = cond.get("filter")
+            if flt is None or flt == "*" or (tensor_name and flt in tensor_name):
+                return evaluate_setting(tensor_name, cond["value"], t, coerce)
+        return None
+    if setting is None:
+        return None
+    raise ConfigError(f"unexpected parameter value {setting!r}")

@@ -1,0 +1,147 @@
+"""What a merge records about itself: the resolved config and a model card."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from ..io.fingerprint import sha256_file
+from ..io.folders import copy_support_files as copy_files
+from ..io.folders import dtype_name, with_dtype, write_config
+from ..runtime import library_versions
+from .config import MergeConfig
+from .plan import MergePlan
+
+PROVENANCE_KEY = "provenance"
+RECORDED_LIBRARIES = ("torch", "transformers", "safetensors")
+
+
+def input_hashes(plan: MergePlan) -> list[dict]:
+    """sha256 of each input's index file (sharded) or of its weight files (single file)."""
+    out = []
+    for ref, model in zip(plan.model_refs, plan.models):
+        path = getattr(model, "path", None)
+        entry = {"model": str(path or ref)}
+        if getattr(model, "index_file", None) is not None:
+            entry["index_sha256"] = sha256_file(model.index_file)
+        elif path is not None:
+            entry["files_sha256"] = {f.name: sha256_file(f) for f in model.files}
+        out.append(entry)
+    return out
+
+
+def resolved_config(plan: MergePlan) -> dict:
+    """The config with absolute model paths, every parameter default and the seed filled in."""
+    cfg: MergeConfig = plan.config
+    paths = [str(getattr(m, "path", None) or r) for m, r in zip(plan.models, plan.model_refs)]
+    params = dict(cfg.parameters or {})
+    for p in plan.method.spec.params:
+        if p.name not in params and not p.required and p.default is not None:
+            params[p.name] = p.default
+    out = {
+        "merge_method": cfg.merge_method,
+        "models": [
+            {"model": paths[i], **({"parameters": m.parameters} if m.parameters else {})}
+            for i, m in enumerate(cfg.models)
+        ],
+    }
+    if cfg.base_model is not None:
+        out["base_model"] = paths[plan.model_refs.index(cfg.base_model)]
+    out["parameters"] = params
+    floats = [tp.out_dtype for tp in plan.tensors if tp.mergeable]
+    out["dtype"] = cfg.dtype
+    out["out_dtype"] = cfg.out_dtype or (dtype_name(floats[0]) if floats else None)
+    if cfg.tokenizer_source is not None:
+        src = cfg.tokenizer_source
+        out["tokenizer_source"] = src if src in ("base", "union") else paths[plan.model_refs.index(src)]
+    out["random_seed"] = plan.seed
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def write_provenance(plan: MergePlan, folder: Path, hashes: list[dict], stats: Optional[dict] = None) -> dict:
+    resolved = resolved_config(plan)
+    record = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": library_versions(*RECORDED_LIBRARIES),
+        "inputs": hashes,
+        **({"stats": stats} if stats else {}),
+    }
+    doc = {**resolved, PROVENANCE_KEY: record}
+    (folder / "medmerge.yml").write_text(
+        "# Resolved by medmerge: re-run with `medmerge merge medmerge.yml OUT`,\n"
+        "# check with `medmerge verify <this folder>`.\n" + yaml.safe_dump(doc, sort_keys=False)
+    )
+    (folder / "README.md").write_text(model_card(plan, resolved, record))
+    return doc
+
+
+def model_card(plan: MergePlan, resolved: dict, record: dict) -> str:
+    spec = plan.method.spec
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [medmerge, merge]",
+        "---",
+        f"# Merged model ({spec.name})",
+        "",
+        f"Made with medmerge {record['versions']['medmerge']} on {record['date']}.",
+        "",
+        "## Method",
+        f"`{spec.name}`" + (f" ([reference]({spec.reference}))" if spec.reference else ""),
+        "",
+        f"    {spec.formula}",
+        "",
+        "## Inputs",
+        "| role | model | sha256 |",
+        "|---|---|---|",
+    ]
+    for i, entry in enumerate(record["inputs"]):
+        role = "base" if i == plan.base or (plan.base is None and i == plan.reference and plan.config.base_model) else "input"
+        if "index_sha256" in entry:
+            digest = f"index: `{entry['index_sha256']}`"
+        else:
+            digest = ", ".join(f"{k}: `{v}`" for k, v in entry.get("files_sha256", {}).items())
+        lines.append(f"| {role} | `{entry['model']}` | {digest} |")
+    lines += [
+        "",
+        "## Configuration (resolved)",
+        "```yaml",
+        yaml.safe_dump(resolved, sort_keys=False).rstrip(),
+        "```",
+        "",
+        "## Library versions",
+        *[f"- {k} {v}" for k, v in record["versions"].items()],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def output_model_config(plan: MergePlan) -> dict:
+    """config.json of the output: the reference model's, with the output dtype and vocabulary."""
+    floats = [tp.out_dtype for tp in plan.tensors if tp.mergeable]
+    config = with_dtype(plan.models[plan.reference].config, floats[0] if floats else None)
+    if plan.vocab is not None:
+        config["vocab_size"] = plan.vocab.size
+    return config
+
+
+def write_model_config(plan: MergePlan, folder: Path) -> None:
+    write_config(folder, output_model_config(plan))
+
+
+def copy_support_files(plan: MergePlan, folder: Path) -> None:
+    """Tokenizer and generation config from the reference model (base, else first)."""
+    src = getattr(plan.models[plan.reference], "path", None)
+    if plan.vocab is not None:
+        plan.vocab.tokenizer.save_pretrained(str(folder))
+    if src is not None:
+        copy_files(src, folder, tokenizer=plan.vocab is None)
+
+
+def split_provenance(doc: dict) -> tuple[dict, dict]:
+    doc = dict(doc)
+    return doc, doc.pop(PROVENANCE_KEY, {}) or {}
+

@@ -1,0 +1,258 @@
+"""Bad input: each case is a clear error that names the problem, and leaves no output behind."""
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import medmerge
+from medmerge.errors import ConfigError, InputError, MedmergeError, OutputExistsError
+
+
+def linear_cfg(*paths, **extra):
+    cfg = {"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in paths]}
+    cfg.update(extra)
+    return cfg
+
+
+def assert_nothing_written(out: Path):
+    assert not out.exists()
+    leftovers = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.medmerge-")]
+    assert leftovers == []
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edited_copy(src: Path, dst: Path, edit) -> Path:
+    """A copy of model `src` whose state dict went through `edit` (in place)."""
+    copy_model(src, dst)
+    state = load_file(dst / "model.safetensors")
+    edit(state)
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def assert_merge_fails(inputs, out: Path, error, match: str) -> None:
+    with pytest.raises(error, match=match):
+        medmerge.merge(linear_cfg(*inputs), out, progress=False)
+    assert_nothing_written(out)
+
+
+def test_mismatched_shapes(llama_family, tmp_path):
+    other = medmerge.tiny.make_model(tmp_path / "wide", seed=5, hidden=48, layers=2, vocab=64)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"shape .* the models do not share one architecture"):
+        medmerge.merge(linear_cfg(llama_family["a"], other), out, progress=False)
+    assert_nothing_written(out)
+
+
+def test_missing_tensor_names_model_and_tensor(llama_family, tmp_path):
+    broken = edited_copy(llama_family["b"], tmp_path / "broken",
+                         lambda state: state.pop("model.layers.1.mlp.up_proj.weight"))
+    assert_merge_fails([llama_family["a"], broken], tmp_path / "out", InputError,
+                       r"broken has no tensor 'model.layers.1.mlp.up_proj.weight'")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_input_is_named(llama_family, tmp_path, bad):
+    def poison(state):
+        state["model.layers.0.self_attn.q_proj.weight"][3, 4] = bad
+
+    broken = edited_copy(llama_family["b"], tmp_path / "broken", poison)
+    assert_merge_fails([llama_family["a"], broken], tmp_path / "out", InputError,
+                       r"'model.layers.0.self_attn.q_proj.weight' of model .*broken holds 1 NaN")
+
+
+def test_truncated_shard(llama_family, tmp_path):
+    broken = copy_model(llama_family["b"], tmp_path / "broken")
+    f = broken / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 100])
+    assert_merge_fails([llama_family["a"], broken], tmp_path / "out", InputError,
+                       r"model.safetensors: truncated: tensor .* re-download")
+
+
+def test_corrupt_header(llama_family, tmp_path):
+    broken = copy_model(llama_family["b"], tmp_path / "broken")
+    f = broken / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    data[8:12] = b"\xff\xfe{{"
+    f.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"corrupt safetensors header"):
+        medmerge.merge(linear_cfg(llama_family["a"], broken), tmp_path / "out", progress=False)
+    assert n > 0
+
+
+def test_unknown_method(llama_family, tmp_path):
+    cfg = linear_cfg(llama_family["a"], llama_family["b"])
+    cfg["merge_method"] = "frankenmerge"
+    with pytest.raises(ConfigError, match=r"unknown merge method 'frankenmerge'; available: .*linear"):
+        medmerge.merge(cfg, tmp_path / "out", progress=False)
+
+
+def test_unknown_parameter_names_key_and_method(llama_family, tmp_path):
+    cfg = linear_cfg(llama_family["a"], llama_family["b"], parameters={"densty": 0.5})
+    with pytest.raises(ConfigError, match=r"unknown parameter `densty` for method 'linear'"):
+        medmerge.merge(cfg, tmp_path / "out", progress=False)
+
+
+def test_missing_required_parameter(llama_family, tmp_path):
+    cfg = {"merge_method": "linear", "models": [{"model": str(llama_family["a"])}, {"model": str(llama_family["b"])}]}
+    with pytest.raises(ConfigError, match=r"needs `weight` for model .*a"):
+        medmerge.merge(cfg, tmp_path / "out", progress=False)
+
+
+def test_unsupported_key_is_named(llama_family, tmp_path):
+    cfg = linear_cfg(llama_family["a"], llama_family["b"])
+    cfg["slices"] = []
+    with pytest.raises(ConfigError, match=r"key `slices`"):
+        medmerge.merge(cfg, tmp_path / "out", progress=False)
+    cfg = linear_cfg(llama_family["a"], llama_family["b"], mystery=1)
+    with pytest.raises(ConfigError, match=r"`mystery`: unknown key"):
+        medmerge.merge(cfg, tmp_path / "out", progress=False)
+
+
+def test_missing_base_for_method_that_needs_one(llama_family, tmp_path):
+    cfg = {"merge_method": "ties", "models": [
+        {"model": str(llama_family["a"]), "parameters": {"weight": 1.0}},
+        {"model": str(llama_family["b"]), "parameters": {"weight": 1.0}}]}
+    with pytest.raises(ConfigError, match=r"method 'ties' needs `base_model`"):
+        medmerge.merge(cfg, tmp_path / "out", progress=False)
+
+
+def test_vocab_mismatch_without_policy_explains_choices(vocab_family, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"vocabulary sizes differ .*tokenizer_source: base.*union"):
+        medmerge.merge(linear_cfg(vocab_family["base"], vocab_family["other"]), out, progress=False)
+    assert_nothing_written(out)
+
+
+def test_existing_output_is_kept_without_force(llama_family, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match=r"--force"):
+        medmerge.merge(linear_cfg(llama_family["a"], llama_family["b"]), out, progress=False)
+    assert (out / "precious.txt").read_text() == "keep me"
+    medmerge.merge(linear_cfg(llama_family["a"], llama_family["b"]), out, progress=False, force=True)
+    assert not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_hub_id_offline_is_refused(llama_family, tmp_path):
+    with pytest.raises(InputError, match=r"looks like a Hugging Face hub id.*local path"):
+        medmerge.merge(linear_cfg(llama_family["a"], "meta-llama/Llama-3.1-8B-Instruct"), tmp_path / "out", progress=False)
+
+
+def test_pickle_needs_flag(llama_family, tmp_path):
+    pkl = tmp_path / "pickled"
+    pkl.mkdir()
+    shutil.copy(llama_family["b"] / "config.json", pkl / "config.json")
+    torch.save(load_file(llama_family["b"] / "model.safetensors"), pkl / "pytorch_model.bin")
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"pickle .*--allow-pickle"):
+        medmerge.merge(linear_cfg(llama_family["a"], pkl), out, progress=False)
+    assert_nothing_written(out)
+    result = medmerge.merge(linear_cfg(llama_family["a"], pkl), out, progress=False, allow_pickle=True)
+    assert result.verification.ok
+
+
+def test_interrupted_run_leaves_nothing(llama_family, tmp_path, monkeypatch):
+    import medmerge.merging.execute as execute
+
+    calls = {"n": 0}
+    real = execute.merge_loaded
+
+    def interrupt_midway(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(execute, "merge_loaded", interrupt_midway)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        medmerge.merge(linear_cfg(llama_family["a"], llama_family["b"]), out, progress=False)
+    assert calls["n"] == 5
+    assert_nothing_written(out)
+
+
+@pytest.mark.slow  # a child process importing torch
+def test_sigterm_mid_merge_leaves_nothing(llama_family, tmp_path):
+    """A real process killed with SIGTERM while merging: no OUT, no temporary folder."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import time, medmerge, medmerge.merging.execute as ex
+        real = ex.merge_loaded
+        def slow(*a, **k):
+            print("merging", flush=True); time.sleep(0.5); return real(*a, **k)
+        ex.merge_loaded = slow
+        medmerge.merge({linear_cfg(llama_family['a'], llama_family['b'])!r}, {str(out)!r}, progress=False)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "merging"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert_nothing_written(out)
+
+
+def test_verify_detects_tampering(llama_family, tmp_path):
+    out = tmp_path / "out"
+    medmerge.merge(linear_cfg(llama_family["a"], llama_family["b"]), out, progress=False)
+    assert medmerge.verify(out).ok
+    f = out / "model.safetensors"
+    state = load_file(f)
+    state["model.norm.weight"][0] += 0.01
+    from medmerge.io.checkpoint import read_safetensors_header
+
+    header, _ = read_safetensors_header(f)
+    save_file(state, f, metadata=header.get("__metadata__"))
+    report = medmerge.verify(out)
+    assert not report.ok
+    bad = [c for c in report.checked if not c.ok]
+    assert [c.name for c in bad] == ["model.norm.weight"]
+    assert bad[0].max_abs == pytest.approx(0.01, rel=1e-3)
+
+
+def test_verify_detects_missing_tensor_and_config_mismatch(llama_family, tmp_path):
+    out = tmp_path / "out"
+    medmerge.merge(linear_cfg(llama_family["a"], llama_family["b"]), out, progress=False)
+    state = load_file(out / "model.safetensors")
+    del state["model.layers.0.mlp.down_proj.weight"]
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.0.mlp.down_proj.weight"]
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["dtype"] = "bfloat16"
+    (out / "config.json").write_text(json.dumps(cfg))
+    report = medmerge.verify(out)
+    assert not report.ok
+    text = " ".join(report.problems)
+    assert "model.layers.0.mlp.down_proj.weight is missing" in text
+    assert "config.json says dtype bfloat16" in text
+
+
+def test_nonfinite_result_is_an_error(llama_family, tmp_path):
+    cfg = {"merge_method": "linear", "models": [
+        {"model": str(llama_family["a"]), "parameters": {"weight": 1.0}},
+        {"model": str(llama_family["b"]), "parameters": {"weight": -1.0}}]}
+    out = tmp_path / "out"
+    with pytest.raises(MedmergeError, match=r"weights of .* sum to 0"):
+        medmerge.merge(cfg, out, progress=False)
+    assert_nothing_written(out)
