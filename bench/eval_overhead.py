@@ -268,25 +268,26 @@ model, tasks, data_dir = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
 out = {}
 s = t(); import medmerge.cli  # typer + rich: what `medmerge` imports before any command
 out["import medmerge.cli"] = t() - s
-s = t(); from medmerge.evaluation import runner, nltk_data
+s = t(); from medmerge.evaluation import nltk_data, registry, runner
+from medmerge.io import fingerprint, folders
 out["import medmerge.evaluation.runner"] = t() - s
 from pathlib import Path
-s = t(); path = runner.check_model(model)
+s = t(); path = folders.check_model(model)
 out["medmerge: check_model (read safetensors headers)"] = t() - s
 s = t(); nltk_data.activate()
 out["medmerge: nltk_data.activate"] = t() - s
-s = t(); runner.plan_tasks(tasks, [], Path(data_dir))
+s = t(); registry.plan_tasks(tasks, [], Path(data_dir))
 out["medmerge: plan_tasks (task YAMLs + data pre-validation)"] = t() - s
-s = t(); runner.plan_tasks(tasks, [], Path(data_dir))
+s = t(); registry.plan_tasks(tasks, [], Path(data_dir))
 out["medmerge: plan_tasks again (warm)"] = t() - s
-s = t(); runner.file_sha256(runner.model_files(path))
+s = t(); fingerprint.files_sha256(fingerprint.model_files(path))
 out["medmerge: sha256 of the model files"] = t() - s
 s = t(); from lm_eval.tasks import TaskManager
 out["import lm_eval.tasks"] = t() - s
 meta = {"data_dir": data_dir}
-s = t(); TaskManager(include_path=str(runner.TASKS_DIR), include_defaults=False, metadata=meta)
+s = t(); TaskManager(include_path=str(registry.TASKS_DIR), include_defaults=False, metadata=meta)
 out["TaskManager(include_defaults=False) (medmerge)"] = t() - s
-s = t(); TaskManager(include_path=str(runner.TASKS_DIR), include_defaults=True, metadata=meta)
+s = t(); TaskManager(include_path=str(registry.TASKS_DIR), include_defaults=True, metadata=meta)
 out["TaskManager(include_defaults=True) (lm_eval CLI)"] = t() - s
 print(json.dumps({k: round(v, 3) for k, v in out.items()}))
 """

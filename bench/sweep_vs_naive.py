@@ -104,7 +104,7 @@ def grid(points: int) -> list[float]:
 
 
 def complement(t: float) -> float:
-    return round(1.0 - float(t), 12)  # as medmerge.sweep.points._complement: 1 - 0.7 is 0.3, not 0.30000000000000004
+    return round(1.0 - float(t), 12)  # as medmerge.experiments.sweep.points._complement: 1 - 0.7 is 0.3, not 0.30000000000000004
 
 
 def yaml_dump(obj) -> str:
@@ -149,7 +149,7 @@ def naive_commands(world: Path, tasks_folder: Path, cfg: Path, merged: Path, le_
 
 
 WARMUP = ("import torch, transformers, lm_eval.evaluator, lm_eval.models.huggingface, mergekit.merge, "
-          "medmerge.sweep.run, medmerge.evaluation.runner")
+          "medmerge.experiments.sweep.run, medmerge.evaluation.runner")
 
 
 def loadavg() -> str:

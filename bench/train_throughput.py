@@ -370,7 +370,7 @@ if tool == "medmerge":
     parts += [("collator (PadCollator.__call__)", D.PadCollator.__call__),
               ("LogCallback.on_log (train_log.jsonl)", MT.LogCallback.on_log),
               ("tokenisation (build_examples, before train)", D.build_examples),
-              ("base fingerprint", F.fingerprint), ("data sha256", D.data_path_sha256),
+              ("base fingerprint", F.fingerprint), ("data sha256", F.files_sha256),
               ("loss.png (plot_loss)", MT.plot_loss)]
 else:
     import trl.trainer.sft_trainer as S

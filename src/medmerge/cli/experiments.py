@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 
@@ -25,20 +25,6 @@ def demo_cmd(
 ) -> None:
     """The whole experiment on the synthetic clinical world: forgetting, merge sweep, few-shot, report."""
     run_demo(out, preset=preset, seed=seed, progress=not quiet)
-
-
-@command(pipeline_app, "two-stage-lora", interrupted="finished steps are kept in OUT; run again to continue")
-def two_stage_lora_cmd(
-    config: Path = typer.Argument(..., help="recipe YAML (see examples/two_stage_lora.yaml)"),
-    overrides: Optional[list[str]] = typer.Argument(None, help="KEY=VALUE overrides, e.g. merge.w_pt=[0,0.5]"),
-    out: Path = typer.Option(..., "--out", help="run folder; an interrupted run continues where it stopped"),
-    force: bool = typer.Option(False, "--force", help="start over in OUT"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
-) -> None:
-    """PT LoRA, a fresh SFT LoRA, exact weighted merges of the two, evaluation of each, and a table."""
-    results = two_stage_lora.run(config, out, overrides=overrides or [], force=force, progress=not quiet)
-    stdout.print(results.markdown)
-    console.print(f"results: {out / 'results.json'}; wall time {results['wall_time_s']} s")
 
 
 @command(app, "sweep", interrupted="finished points are cached in OUT/cache; run again to resume")
@@ -98,15 +84,26 @@ def report_cmd(
     console.print(f"{len(info['sections'])} sections, {info['images']} images -> {info['html']} and {info['md']}")
 
 
-@command(pipeline_app, "medcare", interrupted="finished steps are kept in OUT; run again to continue")
-def medcare_pipeline_cmd(
-    config: Path = typer.Argument(..., help="experiment YAML (see examples/medcare_miniclinic.yaml)"),
-    overrides: Optional[list[str]] = typer.Argument(None, help="KEY=VALUE overrides, e.g. stage2.alignment.lambda=1"),
-    out: Path = typer.Option(..., "--out", help="run folder; an interrupted run continues where it stopped"),
-    force: bool = typer.Option(False, "--force", help="start over in OUT"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
-) -> None:
-    """MedCare (two stages, exported) vs plain LoRA vs full fine-tuning, plus the keep-noise ablation, evaluated."""
-    results = medcare_vs_lora.run(config, out, overrides=overrides or [], force=force, progress=not quiet)
-    stdout.print(results.markdown)
-    console.print(f"results: {out / 'results.json'}; wall time {results['wall_time_s']} s")
+def _pipeline_command(name: str, config_help: str, override: str, doc: str, recipe: Callable) -> None:
+    """`medmerge pipeline NAME CONFIG --out OUT`: a recipe's run folder, its table printed."""
+    def pipeline_cmd(
+        config: Path = typer.Argument(..., help=config_help),
+        overrides: Optional[list[str]] = typer.Argument(None, help=f"KEY=VALUE overrides, e.g. {override}"),
+        out: Path = typer.Option(..., "--out", help="run folder; an interrupted run continues where it stopped"),
+        force: bool = typer.Option(False, "--force", help="start over in OUT"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    ) -> None:
+        results = recipe(config, out, overrides=overrides or [], force=force, progress=not quiet)
+        stdout.print(results.markdown)
+        console.print(f"results: {out / 'results.json'}; wall time {results['wall_time_s']} s")
+
+    pipeline_cmd.__doc__ = doc
+    command(pipeline_app, name, interrupted="finished steps are kept in OUT; run again to continue")(pipeline_cmd)
+
+
+_pipeline_command("two-stage-lora", "recipe YAML (see examples/two_stage_lora.yaml)", "merge.w_pt=[0,0.5]",
+                  "PT LoRA, a fresh SFT LoRA, exact weighted merges of the two, evaluation of each, and a table.",
+                  two_stage_lora.run)
+_pipeline_command("medcare", "experiment YAML (see examples/medcare_miniclinic.yaml)", "stage2.alignment.lambda=1",
+                  "MedCare (two stages, exported) vs plain LoRA vs full fine-tuning, plus the keep-noise ablation, "
+                  "evaluated.", medcare_vs_lora.run)

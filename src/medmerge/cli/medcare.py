@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 
@@ -14,46 +14,30 @@ from .app import medcare_app
 from .common import command, console
 from .train import RESUMABLE
 
-_STAGE_HELP = dict(
-    overrides=typer.Argument(None, help="KEY=VALUE overrides, e.g. training.max_steps=200 alignment.lambda=1.0"),
-    out=typer.Option(..., "--out", help="run folder (MedCare tensors, config, logs; written atomically)"),
-    force=typer.Option(False, "--force", help="replace OUT if it exists"),
-    resume=typer.Option(False, "--resume", help="continue from the last checkpoint in OUT.medmerge-work/"),
-    quiet=typer.Option(False, "--quiet", "-q", help="no progress bar"),
-)
+def _stage_command(kind: str, config_help: str, doc: str, run: Callable) -> None:
+    """`medmerge medcare stage1` / `stage2`: the same options, their own config and recipe."""
+    def stage_cmd(
+        config: Path = typer.Argument(..., help=config_help),
+        overrides: Optional[list[str]] = typer.Argument(None, help="KEY=VALUE overrides, e.g. "
+                                                        "training.max_steps=200 alignment.lambda=1.0"),
+        out: Path = typer.Option(..., "--out", help="run folder (MedCare tensors, config, logs; written atomically)"),
+        force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
+        resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in OUT.medmerge-work/"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    ) -> None:
+        cfg = load_stage_config(kind, config, overrides or [])
+        result = run(cfg, out, force=force, resume=resume, progress=not quiet)
+        console.print(f"MedCare {kind}: {result.summary()}")
+
+    stage_cmd.__doc__ = doc
+    command(medcare_app, kind, interrupted=RESUMABLE)(stage_cmd)
 
 
-def _stage(kind: str, config: Path, overrides: Optional[list[str]], out: Path, force: bool, resume: bool,
-           quiet: bool) -> None:
-    cfg = load_stage_config(kind, config, overrides or [])
-    result = (run_stage1 if kind == "stage1" else run_stage2)(cfg, out, force=force, resume=resume, progress=not quiet)
-    console.print(f"MedCare {kind}: {result.summary()}")
-
-
-@command(medcare_app, "stage1", interrupted=RESUMABLE)
-def medcare_stage1_cmd(
-    config: Path = typer.Argument(..., help="stage-1 YAML: model, data (knowledge + alignment), modules, training"),
-    overrides: Optional[list[str]] = _STAGE_HELP["overrides"],
-    out: Path = _STAGE_HELP["out"],
-    force: bool = _STAGE_HELP["force"],
-    resume: bool = _STAGE_HELP["resume"],
-    quiet: bool = _STAGE_HELP["quiet"],
-) -> None:
-    """Stage 1: attention LoRA + FFN knowledge aggregator with routed noise experts."""
-    _stage("stage1", config, overrides, out, force, resume, quiet)
-
-
-@command(medcare_app, "stage2", interrupted=RESUMABLE)
-def medcare_stage2_cmd(
-    config: Path = typer.Argument(..., help="stage-2 YAML: stage1 (run folder), data (alignment), alignment"),
-    overrides: Optional[list[str]] = _STAGE_HELP["overrides"],
-    out: Path = _STAGE_HELP["out"],
-    force: bool = _STAGE_HELP["force"],
-    resume: bool = _STAGE_HELP["resume"],
-    quiet: bool = _STAGE_HELP["quiet"],
-) -> None:
-    """Stage 2: attention merged and frozen, noise dropped, alignment module orthogonal to the knowledge one."""
-    _stage("stage2", config, overrides, out, force, resume, quiet)
+_stage_command("stage1", "stage-1 YAML: model, data (knowledge + alignment), modules, training",
+               "Stage 1: attention LoRA + FFN knowledge aggregator with routed noise experts.", run_stage1)
+_stage_command("stage2", "stage-2 YAML: stage1 (run folder), data (alignment), alignment",
+               "Stage 2: attention merged and frozen, noise dropped, alignment module orthogonal to the knowledge one.",
+               run_stage2)
 
 
 @command(medcare_app, "export")

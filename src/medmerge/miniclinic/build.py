@@ -10,7 +10,7 @@ The recipe, top to bottom:
 6. `instruct_ft` = instruct + sft on findings -> impression (the forgetting case);
 7. evaluate all four on mm_miniclinic_if / _mcq / _gen and write `summary.json`.
 
-Every model is trained by `medmerge.training.train`, the same trainer users run.
+Every model is trained by `medmerge.training.trainer.train`, the same trainer users run.
 All four descend from one base, so they can be merged. A finished build is cached
 by (preset, seed, code version) and copied from the cache the next time.
 """

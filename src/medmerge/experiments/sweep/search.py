@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
 
 from ...errors import ConfigError
@@ -28,6 +29,8 @@ from ...runtime import progress as progress_bar
 from .config import Search, SweepConfig
 from .evaluator import Selection, SweepEvaluator
 from .points import Point, layer_gradient
+
+STARTUP_ATTEMPTS = 5
 
 
 def make_sampler(search: Search, seed: int):
@@ -61,14 +64,26 @@ def open_study(search: Search, out: Path, seed: int, worker: int):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = search.storage or f"sqlite:///{out / 'study.db'}"
-    try:
-        study = optuna.create_study(study_name=search.study, storage=storage, load_if_exists=True,
-                                    directions=["maximize", "maximize"], sampler=make_sampler(search, seed + worker))
-    except Exception as e:  # a bad URL or an unreachable server: say which and how to fix it
-        raise ConfigError(f"search.storage {storage!r}: cannot open the study ({e}); use sqlite:///PATH.db or "
-                          "postgresql://USER:PASS@HOST/DB") from None
+    sampler = make_sampler(search, seed + worker)
+    for attempt in range(STARTUP_ATTEMPTS):
+        try:
+            study = optuna.create_study(study_name=search.study, storage=storage, load_if_exists=True,
+                                        directions=["maximize", "maximize"], sampler=sampler)
+            break
+        except Exception as e:  # a bad URL or an unreachable server: say which and how to fix it
+            if attempt + 1 < STARTUP_ATTEMPTS and _startup_race(e):
+                time.sleep(0.2 * (attempt + 1))  # another worker is creating the schema: it exists in a moment
+                continue
+            raise ConfigError(f"search.storage {storage!r}: cannot open the study ({e}); use sqlite:///PATH.db or "
+                              "postgresql://USER:PASS@HOST/DB") from None
     study.set_user_attr("objectives", ["if_score", "clinical_score"])
     return study, storage
+
+
+def _startup_race(e: Exception) -> bool:
+    """Workers started together both create the storage's tables; the one that loses sees them appear."""
+    text = str(e).lower()
+    return "already exists" in text or "database is locked" in text or "unique constraint" in text
 
 
 def _budget_rank(study, trial) -> int:
