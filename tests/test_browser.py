@@ -7,7 +7,7 @@ import pytest
 
 from browser import SKIP_REASON, chromium_path, nonwhite_fraction, render, requires_chromium
 
-pytestmark = requires_chromium
+pytestmark = [requires_chromium, pytest.mark.slow]  # every test starts headless Chromium
 
 
 def _png_data_uri() -> str:

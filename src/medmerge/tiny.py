@@ -1,7 +1,8 @@
 """Tiny random models in Hugging Face format, for the demo, tests and benchmarks.
 
 Nothing is downloaded: configs, weights and a small word-level tokenizer are
-built here from a seed.
+built here from a seed. transformers, tokenizers and peft are imported inside the
+functions, on purpose: importing them takes seconds, and a test pays only for what it builds.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ One file per command group; `common.command` turns errors into exit codes for al
 # Imported in the pipeline's order, which is the order `medmerge --help` lists the commands in.
 from . import merge  # noqa: F401, I001  (merge, verify, methods)
 from . import evaluate  # noqa: F401  (eval, compare, tasks, setup-nltk)
-from . import train  # noqa: F401  (train, miniclinic build)
+from . import train  # noqa: F401  (train)
+from . import miniclinic  # noqa: F401  (miniclinic build)
 from . import adapters  # noqa: F401  (adapters merge)
 from . import medcare  # noqa: F401  (medcare stage1 | stage2 | export)
 from . import experiments  # noqa: F401  (demo, sweep, fewshot, report, pipeline two-stage-lora | medcare)

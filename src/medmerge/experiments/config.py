@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from ..miniclinic.build import build
 from ..miniclinic.world import TASKS_DIR
 from ..settings import Strict, apply_overrides, read_yaml, validation_message
+from .rundir import reuse
 
 
 class WorldSettings(Strict):
@@ -94,8 +95,8 @@ def prepare_world(section: Optional[dict], config_path: Path, out: Path, progres
                               "`medmerge miniclinic build`, or drop world.dir to build one into OUT/world")
     else:
         world_dir = out / "world"
-        if not (world_dir / "summary.json").is_file():
-            build(world_dir, preset=ws.preset, seed=ws.seed, force=True, progress=progress)
+        reuse(world_dir, "summary.json", lambda: build(world_dir, preset=ws.preset, seed=ws.seed, force=True,
+                                                       progress=progress))
     summary = json.loads((world_dir / "summary.json").read_text())
     info = {"dir": str(world_dir), "preset": summary.get("preset"), "seed": summary.get("seed"),
             "code_version": summary.get("code_version")}

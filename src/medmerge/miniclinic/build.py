@@ -110,7 +110,7 @@ def _mixed_text(parts: list[tuple[Path, float]], out: Path, seed: int) -> Path:
 
 
 def _init_model(folder: Path, tokenizer_dir: Path, s: Schedule, seed: int) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig  # deferred: seconds to import
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = LlamaConfig(

@@ -11,7 +11,8 @@ start of a line, are those the training text has).
 Special tokens: <unk> 0, <s> 1, </s> 2, <pad> 3, <|system|> 4, <|user|> 5,
 <|assistant|> 6. Encoding adds <s> in front (like Llama's tokenizer); the chat
 template writes its own <s>, and lm-eval and `apply_chat_template` then add no
-second one.
+second one. `tokenizers` and transformers are imported by the functions that train and
+wrap the tokenizer (deferred on purpose: the world's data generation does not need them).
 """
 
 from __future__ import annotations

@@ -342,6 +342,6 @@ def check_world(data: str | Path) -> list[str]:
 
 def load_tokenizer(data: str | Path):
     """The world's tokenizer (transformers.PreTrainedTokenizerFast)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: transformers takes seconds to import
 
     return AutoTokenizer.from_pretrained(str(paths_of(data)["tokenizer"]))
