@@ -29,13 +29,13 @@ from ..io.fingerprint import sha256_file
 from ..io.folders import copy_support_files, dtype_name
 from ..io.stream import readback_problems, write_transformed
 from ..io.writer import atomic_output_dir, check_output, parse_size
+from ..merging.provenance import RECORDED_LIBRARIES
 from ..runtime import library_versions, progress as progress_bar
 from .combine import DENSITY_METHODS, METHODS, combine, svd_factors
 from .inputs import RECORD_KEY, AdapterInputs, module_name, open_inputs
 from .lora import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from .verify import verify_adapter_merge
 
-RECORDED_LIBRARIES = ("torch", "transformers", "safetensors")
 SAMPLE_MODULES = 8  # modules recomputed from the inputs by the merge's own verification (all with verify="full")
 
 

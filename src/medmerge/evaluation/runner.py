@@ -31,7 +31,6 @@ from .results import SCHEMA, convert_results, jsonable, unavailable_metrics, wri
 
 RECORDED_LIBRARIES = ("lm_eval", "torch", "transformers", "peft", "datasets", "rouge_score", "sacrebleu", "nltk")
 QUIET_LOGGERS = ("lm_eval", "lm-eval", "datasets", "transformers")
-log = logging.getLogger(__name__)
 
 
 def parse_gen_kwargs(text: Optional[str]) -> dict[str, Any]:

@@ -32,11 +32,11 @@ from ..io.fingerprint import check_recorded_base, files_sha256
 from ..io.folders import check_model, dtype_name
 from ..io.stream import readback_problems, write_transformed
 from ..io.writer import atomic_output_dir, check_output, parse_size
+from ..merging.provenance import RECORDED_LIBRARIES
 from ..runtime import library_versions, resolve_device
 from .model import CONFIG_FILE, WEIGHTS_FILE, read_run
 from .train import load_run
 
-RECORDED_LIBRARIES = ("torch", "transformers", "safetensors")
 # largest |exported - module| logit difference allowed, relative to max(1, largest |logit|); float32 folds
 # differ from the unfolded model only by summation order, 16-bit folds also by rounding W0 + delta once
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}

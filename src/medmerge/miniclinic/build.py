@@ -24,8 +24,8 @@ import os
 import random
 import shutil
 import time
-from importlib.metadata import version
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Optional
 

@@ -21,13 +21,12 @@ import json
 import logging
 import math
 import os
+import random
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Optional, Sequence
-
-import random
-from importlib.metadata import version
 
 import torch
 
