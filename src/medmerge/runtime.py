@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
@@ -86,3 +87,8 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def note(message: str) -> None:
+    """Tell the user something they should know but that is not an error (on stderr, CLI and notebook alike)."""
+    print(f"note: {message}", file=sys.stderr, flush=True)

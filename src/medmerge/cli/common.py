@@ -14,7 +14,7 @@ from typing import Callable
 import typer
 from rich.console import Console
 
-from ..errors import MedmergeError
+from ..errors import MedmergeError, describe_os_error
 
 console = Console(stderr=True)  # messages, notes and errors
 stdout = Console()  # results: tables and reports
@@ -34,6 +34,8 @@ def command(group: typer.Typer, name: str, *, interrupted: str = "nothing was wr
                 return fn(*args, **kwargs)
             except MedmergeError as e:
                 fail(e)
+            except OSError as e:  # a file system problem outside the writers' own handling
+                fail(MedmergeError(describe_os_error(e)))
             except KeyboardInterrupt:
                 console.print(f"[bold red]interrupted:[/] {interrupted}")
                 raise typer.Exit(130)

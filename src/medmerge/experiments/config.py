@@ -11,7 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from pydantic import ValidationError
 
@@ -118,3 +118,33 @@ def read_experiment(path: Path, out: Path, overrides, what: str, progress: bool 
     raw = apply_overrides(read_yaml(path, what), list(overrides))
     variables, world = prepare_world(raw.get("world"), path, out, progress=progress)
     return expand(raw, variables), relative_to(path.parent), world
+
+
+def config_inputs(path: str | Path, overrides: Sequence[str] = ()) -> list[Path]:
+    """The config file and every existing file or folder its values name (absolute, or relative to its folder).
+
+    What a run folder must never delete or lie inside (checked by `open_run_dir` before --force removes
+    anything). Values with unexpanded ${variables} (the world built into OUT) are not inputs.
+    """
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path, "config"), list(overrides)) if path.is_file() else {}
+    found: list[Path] = [path] if path.is_file() else []
+
+    def walk(value):
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and value and "$" not in value and "\n" not in value and len(value) < 4096:
+            candidate = Path(value).expanduser()
+            candidate = candidate if candidate.is_absolute() else path.parent / candidate
+            try:
+                if candidate.exists() and candidate.resolve() != path.parent.resolve():
+                    found.append(candidate)
+            except OSError:
+                pass
+
+    walk(raw)
+    return found

@@ -37,12 +37,13 @@ from ..errors import InputError
 from ..evaluation import runner
 from ..evaluation.compare import fmt_score as _f
 from ..evaluation.compare import summary_scores
+from ..io.paths import safe_name, under
 from ..merging import merge
 from ..runtime import library_versions
 from ..settings import Strict, validated
 from ..training.config import DataConfig, LoraSettings, TrainConfig, TrainingSettings
 from ..training.trainer import RECORD, train
-from .config import EvalSettings, WorldSettings, read_experiment, resolve_eval_paths
+from .config import EvalSettings, WorldSettings, config_inputs, read_experiment, resolve_eval_paths
 from .plots import loss_curves, plot_fewshot
 from .rundir import Result, open_run_dir, reuse
 from .sweep.points import with_paths
@@ -82,6 +83,7 @@ class FewshotConfig(Strict):
         if not self.k or any(k < 1 for k in self.k):
             raise ValueError("k must list positive example counts, e.g. [16, 64, 256]")
         for name, start in self.starts.items():
+            safe_name(name, "starts: the name")  # it names folders under OUT (starts/, runs/, eval/)
             if isinstance(start, dict) and not ({"sweep"} <= set(start) or {"merge"} <= set(start)):
                 raise ValueError(f"starts.{name}: a folder, {{sweep: RUN_DIR}} or {{merge: CONFIG}}")
         if self.claim is not None:
@@ -115,7 +117,7 @@ def resolve_start(name: str, start, out: Path, progress: bool) -> tuple[Path, di
         if not (path / "config.json").is_file():
             raise InputError(f"starts.{name}: {path} is not a model folder (no config.json)")
         return path, {"kind": "folder", "path": str(path)}
-    target = out / "starts" / name
+    target = under(out, "starts", name, what=f"starts.{name}")
     if "sweep" in start:
         summary_file = Path(start["sweep"]) / "sweep_summary.json"
         if not summary_file.is_file():
@@ -150,7 +152,7 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
         progress: bool = True) -> Result:
     """Run every start and k into OUT; return fewshot.json's contents, with fewshot.md as `.markdown`."""
     out = open_run_dir(out, force, results=("fewshot.json", "fewshot.md"), stale=("starts", "runs", "eval"),
-                       what="few-shot run")
+                       what="few-shot run", inputs=config_inputs(config, overrides))
     started = time.perf_counter()
     cfg, info = load(config, out, overrides, progress=progress)
     (out / "fewshot.yml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

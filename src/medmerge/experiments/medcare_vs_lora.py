@@ -37,7 +37,7 @@ from ..settings import Strict, validated
 from ..training.config import LoraSettings, TrainingSettings
 from ..training.trainer import RECORD, train
 from .analysis import flat_metrics
-from .config import EvalSettings, WorldSettings, read_experiment, resolve_eval_paths
+from .config import EvalSettings, WorldSettings, config_inputs, read_experiment, resolve_eval_paths
 from .plots import plot_training
 from .rundir import Result, open_run_dir, reuse
 
@@ -177,7 +177,7 @@ def _evaluate(cfg: MedCareExperiment, arm: str, info: dict, out: Path) -> dict:
 
 def run(config: str | Path, out: str | Path, *, overrides=(), force: bool = False, progress: bool = True) -> Result:
     """Train and evaluate every arm into OUT; return results.json's contents, with the table as `.markdown`."""
-    out = open_run_dir(out, force)
+    out = open_run_dir(out, force, inputs=config_inputs(config, overrides))
     started = time.perf_counter()
     cfg, meta = load(config, out, overrides)
     (out / "experiment_config.yml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True),

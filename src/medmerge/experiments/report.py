@@ -15,6 +15,7 @@ import base64
 import html
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Optional
 
 from ..errors import InputError, OutputExistsError
 from ..evaluation.compare import fmt_score as _f
+from ..io.writer import current_umask
 from .analysis import decoding_table
 from .two_stage_lora import render as render_two_stage
 
@@ -262,6 +264,9 @@ def render_html(title: str, sections: list[Section], meta: str) -> str:
             + f"</title><style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
+MARK = "written by medmerge"  # in every report medmerge writes: --force replaces only those
+
+
 def write_report(run: str | Path, *, title: Optional[str] = None, force: bool = False) -> dict:
     """Write RUN/report.html and RUN/report.md; return {"html", "md", "sections", "images"}."""
     run = Path(run).absolute()
@@ -273,13 +278,20 @@ def write_report(run: str | Path, *, title: Optional[str] = None, force: bool = 
                          "results.json or decoding.json under it")
     html_file, md_file = run / "report.html", run / "report.md"
     for f in (html_file, md_file):
+        if f.is_symlink() or (f.exists() and not f.is_file()):
+            raise OutputExistsError(f"{f} is a link or a folder, not a report; move it away first")
         if f.exists() and not force:
             raise OutputExistsError(f"{f} exists; pass --force to replace it")
+        if f.exists() and MARK not in f.read_text(encoding="utf-8", errors="replace"):
+            raise OutputExistsError(f"{f} was not written by medmerge report; --force replaces only medmerge's own "
+                                    "reports: move it away or delete it yourself")
     title = title or f"medmerge report: {run.name}"
-    meta = f"{run} - written {datetime.now(timezone.utc).isoformat(timespec='seconds')} by medmerge"
+    meta = f"{run} - {MARK} on {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
     for target, text in ((html_file, render_html(title, sections, meta)), (md_file, render_markdown(title, sections, run))):
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".medmerge-tmp", dir=run)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text + (f"\n<!-- {MARK} -->\n" if target == md_file else ""))
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, target)
     return {"html": str(html_file), "md": str(md_file), "sections": [s.title for s in sections],
             "images": sum(len(s.images) for s in sections)}

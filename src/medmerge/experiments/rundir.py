@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import InputError
+from ..io.paths import is_within, resolved
 from ..io.writer import check_output
 
 
@@ -25,14 +26,24 @@ class Result(dict):
 
 
 def open_run_dir(out: str | Path, force: bool, results: Sequence[str] = ("results.json", "results.md"), *,
-                 stale: Sequence[str] = (), what: str = "run") -> Path:
+                 stale: Sequence[str] = (), what: str = "run", inputs: Sequence[Any] = ()) -> Path:
     """A recipe's run folder, created. A finished run (its first `results` file exists) needs --force.
 
     Without --force an unfinished run's outputs are reused (an interrupted run continues); with it the
     `stale` sub-folders are removed too. The `results` files are removed either way, so a run that stops
-    early leaves none that look current.
+    early leaves none that look current. `inputs` (every path the config names, see `config_inputs`) are
+    checked first: OUT must not be or lie inside one, and none may lie in what would be removed.
     """
     out = Path(out).absolute()
+    for item in inputs:
+        if is_within(out, item):
+            raise InputError(f"the run folder {out} {'is' if resolved(out) == resolved(item) else 'is inside'} the "
+                             f"input {item}; write the run to a separate folder")
+        doomed = [out / name for name in stale] + [out / name for name in results]
+        hit = next((d for d in doomed if is_within(item, d)), None)
+        if hit is not None:
+            raise InputError(f"the input {item} lies in {hit}, which this {what} replaces; move it out of {out} or "
+                             "write the run to another folder")
     if force:
         check_output(out, True)
         for name in stale:

@@ -32,7 +32,7 @@ from ..settings import Strict, validated
 from ..training.config import DataConfig, LoraSettings, TrainConfig, TrainingSettings
 from ..training.trainer import RECORD, train
 from .analysis import DEFAULT_SETTINGS, decoding_grid, decoding_table, flat_metrics, reasoning_leakage
-from .config import EvalSettings, WorldSettings, read_experiment, resolve_eval_paths
+from .config import EvalSettings, WorldSettings, config_inputs, read_experiment, resolve_eval_paths
 from .plots import loss_curves
 from .rundir import Result, open_run_dir, reuse
 
@@ -110,7 +110,7 @@ def _label(w_pt: float) -> str:
 def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force: bool = False,
         progress: bool = True) -> Result:
     """Run the recipe into OUT; return the results (also OUT/results.json) with the table as `.markdown`."""
-    out = open_run_dir(out, force)
+    out = open_run_dir(out, force, inputs=config_inputs(config, overrides))
     started = time.perf_counter()
     cfg, info = load(config, out, overrides)
     (out / "pipeline_config.yml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -8,6 +8,8 @@ chunk being written.
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import json
 import math
 import os
@@ -16,15 +18,18 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 
-from ..errors import InputError, OutputExistsError
+from ..errors import InputError, OutputError, OutputExistsError, describe_os_error
+from ..runtime import note
 from .checkpoint import DTYPE_NAMES, INDEX_NAME, itemsize
+from .paths import PathLike, check_not_input
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -135,44 +140,179 @@ def _is_nonempty_dir(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
-def check_output(out: Path, force: bool) -> None:
+def check_output(out: Path, force: bool, inputs: Iterable[Optional[PathLike]] = ()) -> None:
+    """Refuse an output that would overwrite without --force, or that is, holds or lies in an input."""
+    check_not_input(out, inputs)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output {out} exists and is not a folder; choose another path")
     if _is_nonempty_dir(out) and not force:
         raise OutputExistsError(f"output folder {out} exists and is not empty; pass --force to replace it")
 
 
-@contextmanager
-def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; move it into place only on success.
+def check_space(out: Path, nbytes: int) -> None:
+    """Refuse before writing when the file system holding `out` has less than `nbytes` free."""
+    folder = Path(out).absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < nbytes:
+        raise OutputError(f"not enough space for {out}: it needs {nbytes:,} bytes and {folder} has {free:,} "
+                          "free; free some space or choose an output on another disk")
 
-    On any exception, Ctrl-C or SIGTERM the temporary folder is removed and an
-    existing `out` is left as it was.
+
+def _hidden(out: Path, kind: str) -> Path:
+    return out.parent / f".{out.name}.medmerge-{kind}"
+
+
+_held: dict[str, int] = {}  # output locks this process holds -> nesting depth
+_LEGACY_STALE_S = 600  # a temp folder of an older medmerge (no pid in its name) this old is stale
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold the one-writer lock of `out` (a flock on a hidden file beside it); re-entrant in one process.
+
+    A second process that wants to write `out` at the same time is refused at once, naming the holder,
+    instead of silently replacing the first one's output at the final rename.
     """
     out = Path(out).absolute()
-    check_output(out, force)
+    key = str(out)
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.medmerge-tmp-", dir=out.parent))
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.getsignal(signal.SIGTERM)
-
-        def on_term(signum, frame):
-            raise KeyboardInterrupt("SIGTERM")
-
-        signal.signal(signal.SIGTERM, on_term)
+    lock = _hidden(out, "lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise OutputExistsError(
+                f"another medmerge process{f' (pid {holder})' if holder else ''} is writing {out} right now; "
+                "wait for it to finish or choose another output") from None
+        try:  # its previous holder may have removed the file between our open and our flock
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held[key] = 1
     try:
-        yield tmp
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.medmerge-old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        del _held[key]
+        try:
+            os.unlink(lock)  # while still holding it, so no one else holds a lock on a removed file
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed process its parent has not reaped yet is a zombie: gone for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the temporary folders an earlier run to `out` left when it was killed (SIGKILL, power loss).
+
+    Called with the output lock held. A folder whose owner process (its pid is in the name) is gone is
+    removed, and the user is told; one whose owner still runs is left alone.
+    """
+    out = Path(out).absolute()
+    removed = []
+    for kind in ("tmp", "old"):
+        for path in out.parent.glob(f".{glob.escape(out.name)}.medmerge-{kind}-*"):
+            m = re.fullmatch(rf"\.{re.escape(out.name)}\.medmerge-{kind}-(\d+)-.*", path.name)
+            if m:
+                if int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+                    continue
+                owner = f"process {m.group(1)}, which is no longer running"
+            else:
+                try:
+                    if time.time() - path.stat().st_mtime < _LEGACY_STALE_S:
+                        continue
+                except OSError:
+                    continue
+                owner = "an earlier medmerge version"
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            note(f"removed {path}, a temporary folder left by {owner} (it was interrupted)")
+    return removed
+
+
+def current_umask() -> int:
+    """The process's umask (what new files' permissions leave out)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_output_dir(out: Path, force: bool = False, inputs: Iterable[Optional[PathLike]] = ()) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; move it into place only on success.
+
+    While it runs this process holds `out`'s one-writer lock; temporary folders that a killed earlier
+    run left are removed first. On any exception, Ctrl-C or SIGTERM the temporary folder is removed and
+    an existing `out` is left as it was. The finished folder gets the user's usual permissions (umask),
+    not the owner-only mode of a temporary folder. OS errors (disk full, read-only file system, no
+    permission) become errors naming the path and the remedy.
+    """
+    out = Path(out).absolute()
+    inputs = list(inputs)
+    check_output(out, force, inputs)
+    try:
+        with output_lock(out):
+            remove_stale_temporaries(out)
+            check_output(out, force, inputs)  # another run may have finished it while we were planning
+            existed = out.exists()
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.medmerge-tmp-{os.getpid()}-", dir=out.parent))
+            previous = None
+            if threading.current_thread() is threading.main_thread():
+                previous = signal.getsignal(signal.SIGTERM)
+
+                def on_term(signum, frame):
+                    raise KeyboardInterrupt("SIGTERM")
+
+                signal.signal(signal.SIGTERM, on_term)
+            try:
+                yield tmp
+                os.chmod(tmp, 0o777 & ~current_umask())
+                if out.exists():
+                    if not existed and not force:
+                        raise OutputExistsError(f"{out} appeared while this run was writing it; its output was "
+                                                "not moved into place: choose another output or pass --force")
+                    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.medmerge-old-{os.getpid()}-",
+                                                  dir=out.parent))
+                    os.replace(out, trash / "old")
+                    os.replace(tmp, out)
+                    shutil.rmtree(trash, ignore_errors=True)
+                else:
+                    os.replace(tmp, out)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
+    except OSError as e:  # name the file as the user knows it: under OUT, not the hidden temporary folder
+        name = str(e.filename) if e.filename is not None else str(out)
+        name = re.sub(rf"^{re.escape(str(out.parent))}/\.{re.escape(out.name)}\.medmerge-tmp-[^/]*", str(out), name)
+        raise OutputError(describe_os_error(OSError(e.errno, e.strerror, name), out)) from e

@@ -10,8 +10,10 @@ Runs unchanged under `accelerate launch -m medmerge.cli train CONFIG`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -22,9 +24,9 @@ import torch
 
 from ..errors import ConfigError, InputError, MedmergeError
 from ..io.fingerprint import check_recorded_base, files_sha256, fingerprint
-from ..io.folders import check_adapter, check_model
-from ..io.writer import atomic_output_dir, check_output
-from ..runtime import library_versions, pyplot, resolve_device
+from ..io.folders import TOKENIZER_FILES, check_adapter, check_model
+from ..io.writer import atomic_output_dir, check_output, output_lock
+from ..runtime import library_versions, note, pyplot, resolve_device
 from .config import TrainConfig, dump_config
 from .data import PadCollator, build_examples, check_columns, read_records, select_k
 
@@ -48,8 +50,91 @@ class TrainResult:
                 f"{self.tokens_per_second:.0f} tokens/s) -> {self.out}")
 
 
+RUN_RECORD = "medmerge_run.json"  # in the work folder: what an interrupted run was started with
+RESUME_MAY_CHANGE = ("training.device", "training.threads")  # how to run, not what is trained
+
+
 def work_dir(out: Path) -> Path:
     return out.with_name(out.name + ".medmerge-work")
+
+
+def _checkpoints(work: Path) -> list[Path]:
+    found = [p for p in work.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def checkpoint_problem(folder: Path) -> Optional[str]:
+    """Why a Trainer checkpoint cannot be resumed from (a run killed while writing it), or None when complete."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+        if not isinstance(state, dict) or "global_step" not in state:
+            return "trainer_state.json has no global_step"
+    except (OSError, ValueError):
+        return "trainer_state.json is missing or not JSON"
+    weights = [f for f in ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+               if (folder / f).is_file()]
+    if not weights:
+        return "no model or adapter weights"
+    if weights[0].endswith(".safetensors"):
+        try:
+            size = (folder / weights[0]).stat().st_size
+            with open(folder / weights[0], "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if size < 8 + n + end:
+                return f"{weights[0]} is truncated"
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{weights[0]} is not readable safetensors"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not (folder / name).is_file() or (folder / name).stat().st_size == 0:
+            return f"{name} is missing or empty"
+    return None
+
+
+def resume_checkpoint(work: Path) -> Path:
+    """The newest complete checkpoint in `work`; incomplete newer ones (a kill while saving) are skipped."""
+    checkpoints = _checkpoints(work)
+    if not checkpoints:
+        raise MedmergeError(f"--resume: no checkpoint in {work}; start without --resume")
+    for folder in reversed(checkpoints):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        note(f"--resume: skipping {folder.name}, which is incomplete ({problem}); it was being written when "
+             "the run stopped")
+    raise MedmergeError(f"--resume: no complete checkpoint in {work} (all {len(checkpoints)} were interrupted while "
+                        "being written); start over with --force")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_matches(work: Path, started: dict) -> None:
+    """Refuse --resume when the config, data or base differ from the interrupted run's, naming what differs."""
+    record = work / RUN_RECORD
+    if not record.is_file():
+        note(f"--resume: {work} has no {RUN_RECORD} (an older medmerge started it); the config cannot be compared")
+        return
+    try:
+        before = _flat(json.loads(record.read_text()))
+    except ValueError:
+        raise MedmergeError(f"--resume: {record} is not JSON; start over with --force") from None
+    now = _flat(json.loads(json.dumps(started)))
+    differ = sorted(k for k in set(before) | set(now)
+                    if before.get(k) != now.get(k) and k.removeprefix("config.") not in RESUME_MAY_CHANGE)
+    if differ:
+        shown = "; ".join(f"{k}: {before.get(k)!r} then, {now.get(k)!r} now" for k in differ[:8])
+        raise MedmergeError(f"--resume: the run in {work} was started with a different configuration ({shown}"
+                            f"{'; ...' if len(differ) > 8 else ''}); resume with the same config, or pass --force "
+                            "(without --resume) to start over")
 
 
 def check_base(cfg: TrainConfig) -> Path:
@@ -58,7 +143,11 @@ def check_base(cfg: TrainConfig) -> Path:
             f"model {cfg.model} is a PEFT adapter; give the base model as `model:` and the adapter as "
             "`after_adapter:` (a second stage trains a fresh adapter)"
         )
-    return check_model(cfg.model)
+    path = check_model(cfg.model)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(f"model {path} has no tokenizer (none of tokenizer.json, tokenizer_config.json, "
+                         "tokenizer.model, vocab.json); copy the tokenizer files of the model it came from into it")
+    return path
 
 
 def check_previous_adapter(cfg: TrainConfig, base_fp: str) -> Optional[dict]:
@@ -191,11 +280,23 @@ def train(cfg: TrainConfig, out: str | Path, *, force: bool = False, resume: boo
     `record_extra` is merged into medmerge_train.json; `log_keys` are values the trainer logs that
     train_log.jsonl keeps besides loss, learning rate and tokens/s.
     """
+    out = Path(out).absolute()
+    inputs = [part.model for part in (cfg, *data_parts)] + [part.data.path for part in (cfg, *data_parts)] + \
+        [cfg.after_adapter]
+    check_output(out, force, inputs)  # never is, holds or lies inside the base, the data or the first adapter
+    main = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch` rank 0 owns OUT and its work folder
+    with output_lock(out) if main else contextlib.nullcontext():  # one run per OUT: its checkpoints are shared too
+        return _train(cfg, out, force=force, resume=resume, progress=progress, callbacks=callbacks,
+                      data_parts=data_parts, build_model=build_model, save_model=save_model,
+                      trainer_class=trainer_class, record_extra=record_extra, log_keys=log_keys, inputs=inputs,
+                      main=main)
+
+
+def _train(cfg: TrainConfig, out: Path, *, force, resume, progress, callbacks, data_parts, build_model, save_model,
+           trainer_class, record_extra, log_keys, inputs, main) -> TrainResult:
     from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed  # deferred: seconds to import
     from transformers.trainer_callback import PrinterCallback
 
-    out = Path(out).absolute()
-    check_output(out, force)
     # --- every check before training starts --------------------------------------------------------
     base_path = check_base(cfg)
     base_fp = fingerprint(base_path)
@@ -208,16 +309,26 @@ def train(cfg: TrainConfig, out: str | Path, *, force: bool = False, resume: boo
     examples, data_record, k_shot_record = load_data(tokenizer, list(data_parts) or [cfg])
     device = resolve_device(cfg.training.device, flag="training.device")
     work = work_dir(out)
+    started = {"config": cfg.model_dump(mode="json"), "data": data_record, "k_shot": k_shot_record,
+               "base_fingerprint": base_fp}
     if resume:
-        checkpoints = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        if not checkpoints:
-            raise MedmergeError(f"--resume: no checkpoint in {work}; start without --resume")
-        resume_from: Optional[str] = str(checkpoints[-1])
-    else:
+        resume_from: Optional[str] = str(resume_checkpoint(work))
+        check_resume_matches(work, started)
+    elif main:
+        kept = _checkpoints(work) if work.is_dir() else []
+        if kept and not force:
+            raise MedmergeError(f"{work} holds the checkpoints of an interrupted run (up to {kept[-1].name}); pass "
+                                "--resume to continue it, or --force to discard them and start over")
         if work.exists():
+            if kept:
+                note(f"--force: removing {work} ({len(kept)} checkpoint(s) of an earlier, interrupted run)")
             shutil.rmtree(work)
         resume_from = None
+    else:
+        resume_from = None
     work.mkdir(parents=True, exist_ok=True)
+    if main and not resume:
+        (work / RUN_RECORD).write_text(json.dumps(started, indent=2) + "\n")
     set_seed(cfg.seed)  # before the adapter is created: its random A init comes from the recorded seed
     model = (build_model or _load_model)(cfg, device)
     t = cfg.training
@@ -260,7 +371,7 @@ def train(cfg: TrainConfig, out: str | Path, *, force: bool = False, resume: boo
         "versions": library_versions(*RECORDED_LIBRARIES),
         **(record_extra or {}),
     }
-    with atomic_output_dir(out, force=force) as tmp:
+    with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
         if save_model is not None:
             save_model(model, tmp)
         else:
