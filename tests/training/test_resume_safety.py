@@ -128,3 +128,14 @@ def test_a_base_without_tokenizer_is_a_clear_error(world, tmp_path):
     cfg = _config(world, "b").model_copy(update={"model": bare})
     with pytest.raises(InputError, match=f"model {bare} has no tokenizer"):
         train(cfg, tmp_path / "b", progress=False)
+
+
+@pytest.mark.parametrize("override, key", [("training.threads=0", "threads"), ("training.threads=-2", "threads"),
+                                           ("training.max_steps=0", "max_steps"), ("training.epochs=0", "epochs"),
+                                           ("training.scheduler=cosnie", "scheduler"),
+                                           ("training.weight_decay=-1", "weight_decay"), ("lora.alpha=0", "alpha")])
+def test_training_settings_have_declared_domains(world, override, key):
+    from medmerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        _config(world, "d", [override])

@@ -70,11 +70,12 @@ def export(run: str | Path, out: str | Path, *, base: Optional[str | Path] = Non
            verify_batch: int = 4, device: str = "cpu", force: bool = False, progress: bool = True) -> dict:
     """Write the folded model to OUT; return the record also written to OUT/medmerge.yml."""
     run, out = Path(run).absolute(), Path(out).absolute()
-    check_output(out, force)
+    check_output(out, force, [run, base])  # never is, holds or lies inside the run or the base
     device = resolve_device(device)
     info, tensors = read_run(run)
     base_path = check_model(base or info["base"]["path"])
     check_recorded_base(base_path, info["base"]["fingerprint"], trained=str(run), fix="pass --base with that model")
+    check_output(out, force, [run, base_path])
     out_dtype = None
     if dtype is not None:
         out_dtype = getattr(torch, dtype, None)
@@ -97,7 +98,7 @@ def export(run: str | Path, out: str | Path, *, base: Optional[str | Path] = Non
         "versions": library_versions(*RECORDED_LIBRARIES),
     }
     try:
-        with atomic_output_dir(out, force=force) as tmp:
+        with atomic_output_dir(out, force=force, inputs=[run, base_path]) as tmp:
             def fold(name: str, w0: torch.Tensor) -> torch.Tensor:
                 if name not in deltas:
                     return w0

@@ -28,27 +28,34 @@ class DataConfig(Strict):
 
 class LoraSettings(Strict):
     r: int = Field(16, ge=1)
-    alpha: float = 32
+    alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     rslora: bool = False
 
 
 class TrainingSettings(Strict):
-    max_steps: int = -1  # > 0 wins over epochs
-    epochs: float = 1.0
+    @model_validator(mode="after")
+    def _steps(self):
+        if self.max_steps == 0:
+            raise ValueError("training.max_steps must be a positive number of steps, or -1 to train for `epochs`")
+        return self
+
+    max_steps: int = Field(-1, ge=-1)  # > 0 wins over epochs; -1: train for `epochs`
+    epochs: float = Field(1.0, gt=0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(2e-4, gt=0)
-    scheduler: str = "cosine"
+    scheduler: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                       "constant_with_warmup", "inverse_sqrt"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)  # 0: no clipping
     logging_steps: int = Field(10, ge=1)
     save_steps: int = Field(500, ge=1)
-    save_total_limit: int = 2
+    save_total_limit: int = Field(2, ge=1)
     bf16: bool = False
-    threads: Optional[int] = None  # torch CPU threads; set it deliberately when jobs share cores
+    threads: Optional[int] = Field(None, ge=1)  # torch CPU threads; set it deliberately when jobs share cores
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
