@@ -7,21 +7,29 @@
   span (`<think>...</think>` by default; any regular expression), per model and
   setting, read from `medmerge eval --log-samples` output.
 
-(The loss curves of several trainer runs are `plots.loss_curves`.)
+(The loss curves of several trainer runs are `plots.loss_curves`; `loss_plot` checks the logs and
+the output file first.) The single-file outputs (`--out PLOT`, `--json FILE`) are checked before any
+work: their folder must exist, a folder or another kind of file is refused, an existing file is
+replaced only with `--force` and only when it is an earlier output of the same kind (never a model,
+config or results file), and the file is written beside and moved into place.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..errors import InputError
+from ..errors import InputError, OutputExistsError
 from ..evaluation import runner
+from ..io.paths import under
 from ..io.writer import check_output
-from .plots import plot_decoding
+from ..io.records import DataError
+from .plots import loss_curves, plot_decoding
 
 DEFAULT_REASONING_PATTERN = r"<think>.*?</think>"
 DEFAULT_SETTINGS = ("greedy", "t=0.6,p=0.8", "t=0.7,p=0.9", "rp=1.2")
@@ -72,7 +80,7 @@ def decoding_grid(model, settings: Sequence[str | dict], tasks: Sequence[str], o
                   force: bool = False, **eval_kwargs) -> dict:
     """Evaluate `model` once per decoding setting into OUT/<setting>/; write OUT/decoding.{json,md,png}."""
     out = Path(out).absolute()
-    check_output(out, force)
+    check_output(out, force, [model] if isinstance(model, (str, Path)) else [])
     parsed = [parse_setting(s) for s in settings]
     names = [s.name for s in parsed]
     if len(set(names)) != len(names):
@@ -83,7 +91,7 @@ def decoding_grid(model, settings: Sequence[str | dict], tasks: Sequence[str], o
         gen = s.gen_kwargs
         if max_new_tokens:
             gen["max_new_tokens"] = max_new_tokens
-        folder = out / _slug(s.name)
+        folder = under(out, _slug(s.name), what="decoding setting")
         res = runner.evaluate(model, tasks, folder, gen_kwargs=gen, log_samples=True, force=True, **eval_kwargs)
         leak = reasoning_leakage({s.name: folder}, reasoning_pattern)[s.name]
         rows.append({"setting": s.name, "gen_kwargs": gen, "metrics": flat_metrics(res),
@@ -134,16 +142,14 @@ def reasoning_leakage(runs: dict[str, str | Path], pattern: str = DEFAULT_REASON
         per_task, total, hits = {}, 0, 0
         for file in sorted(samples.glob("*.jsonl")):
             n = m = 0
-            with open(file, encoding="utf-8") as f:
-                for line in f:
-                    rec = json.loads(line)
-                    if "options" in rec or "option_loglikelihoods" in rec:  # multiple choice: nothing generated
-                        continue
-                    resp = rec.get("response")
-                    if not isinstance(resp, str):
-                        continue
-                    n += 1
-                    m += bool(rx.search(resp))
+            for _, rec in _jsonl_rows(file, "a sample written by `medmerge eval --log-samples`"):
+                if "options" in rec or "option_loglikelihoods" in rec:  # multiple choice: nothing generated
+                    continue
+                resp = rec.get("response")
+                if not isinstance(resp, str):
+                    continue
+                n += 1
+                m += bool(rx.search(resp))
             if n:
                 per_task[file.stem] = {"matches": m, "outputs": n, "rate": m / n}
                 total += n
@@ -152,3 +158,123 @@ def reasoning_leakage(runs: dict[str, str | Path], pattern: str = DEFAULT_REASON
     return out
 
 
+def _jsonl_rows(path: Path, what: str):
+    """The JSON objects of a JSONL file, one per non-blank line; a bad line is an error naming the file and line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = list(f)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; expected JSON lines, each {what}") from None
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg}); each line must be {what}") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, line {lineno}: expected a JSON object ({what}), got {type(row).__name__}")
+        yield lineno, row
+
+
+# --- single-file outputs: `analyze loss --out PLOT`, `analyze leakage --json FILE` -----------------------
+
+PLOT_KINDS = {".png": (b"\x89PNG", "a PNG image"), ".pdf": (b"%PDF", "a PDF"), ".svg": (b"<?xml", "an SVG image")}
+
+
+def _is_plot(path: Path) -> bool:
+    magic, _ = PLOT_KINDS[path.suffix.lower()]
+    with open(path, "rb") as f:
+        head = f.read(64)
+    return head.startswith(magic) or (path.suffix.lower() == ".svg" and head.lstrip().startswith(b"<svg"))
+
+
+def _is_leakage_report(path: Path) -> bool:
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(report, dict) and all(
+        isinstance(r, dict) and {"matches", "outputs", "rate", "tasks"} <= set(r) for r in report.values())
+
+
+def check_file_output(path: str | Path, force: bool, *, flag: str, suffixes: Sequence[str], kind: str,
+                      is_kind) -> Path:
+    """A single output file: its folder exists; not a folder; an existing file replaced only with `force` and
+    only when `is_kind(path)` says it is an earlier output of this `kind` (so never a model or config file)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a folder; pass a file name, e.g. {path / ('out' + suffixes[0])}")
+    if path.suffix.lower() not in suffixes:
+        names = ", ".join(suffixes[:-1]) + (" or " if len(suffixes) > 1 else "") + suffixes[-1]
+        raise InputError(f"{flag} {path}: the file name must end in {names} ({kind})")
+    if not path.parent.is_dir():
+        raise InputError(f"{flag} {path}: the folder {path.parent} does not exist; create it first")
+    if path.exists():
+        if not force:
+            raise OutputExistsError(f"{flag} {path} exists; pass --force to replace it")
+        if not is_kind(path):
+            raise InputError(f"{flag} {path} exists and is not {kind}; --force replaces only an earlier {kind}, "
+                             "never another file: choose another file name")
+    return path
+
+
+def replace_file(path: Path, write) -> None:
+    """`write(tmp)` into a temporary file beside `path`, then moved onto `path` (an existing one is kept on failure)."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_loss_log(run: str | Path) -> Path:
+    """A run's train_log.jsonl, every line checked: JSON objects, each loss with a numeric step."""
+    path = Path(run)
+    if path.is_dir():
+        path = path / "train_log.jsonl"
+    if not path.is_file():
+        raise InputError(f"{path}: no train_log.jsonl (written by `medmerge train`); pass a training output folder "
+                         "or its train_log.jsonl")
+    losses = 0
+    for lineno, row in _jsonl_rows(path, "a row of `medmerge train`'s log"):
+        for key in ("loss", "eval_loss"):
+            value = row.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise DataError(f"{path}, line {lineno}: {key} is {value!r}, not a number")
+            step = row.get("step")
+            if isinstance(step, bool) or not isinstance(step, (int, float)):
+                raise DataError(f"{path}, line {lineno}: a {key} without a 'step' (a number); is this the log "
+                                "`medmerge train` writes?")
+            losses += 1
+    if not losses:
+        raise DataError(f"{path} holds no loss: the run logged no training step yet; leave it out or train it")
+    return path
+
+
+def loss_plot(runs: dict[str, str | Path], out: str | Path, title: str = "training loss", *,
+              force: bool = False) -> Path:
+    """`plots.loss_curves` of the labelled runs into the file OUT, with the logs and OUT checked first."""
+    out = check_file_output(out, force, flag="--out", suffixes=tuple(PLOT_KINDS), kind="plot image (PNG, PDF, SVG)",
+                            is_kind=_is_plot)
+    if not runs:
+        raise InputError("pass at least one training run (a folder or train_log.jsonl, as PATH or LABEL=PATH)")
+    logs = {label: check_loss_log(run) for label, run in runs.items()}
+    replace_file(out, lambda tmp: loss_curves(logs, tmp, title))
+    return out
+
+
+def write_leakage_json(report: dict, out: str | Path, *, force: bool = False) -> Path:
+    out = check_leakage_json(out, force)
+    replace_file(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+    return out
+
+
+def check_leakage_json(out: str | Path, force: bool) -> Path:
+    return check_file_output(out, force, flag="--json", suffixes=(".json",), kind="leakage report",
+                             is_kind=_is_leakage_report)

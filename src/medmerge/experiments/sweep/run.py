@@ -26,8 +26,10 @@ from typing import Optional
 import yaml
 
 from ...errors import ConfigError, InputError
+from ...io.writer import check_output
 from ...merging import merge
 from ...runtime import track
+from ..config import config_inputs
 from ..rundir import Result, open_run_dir
 from .config import Search, SweepConfig, load_config
 from .evaluator import SweepEvaluator
@@ -59,7 +61,10 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
     """
     overrides = list(overrides) + ([f"eval.limit={limit}"] if limit is not None else []) \
         + ([f"eval.subset={subset}"] if subset is not None else [])
-    out = open_run_dir(out, force, results=(), stale=("cache",))
+    inputs = config_inputs(config, overrides)
+    if export_best is not None:  # before any work: the export must not be, hold or lie in the run or an input
+        check_output(Path(export_best).absolute(), export_force, [out, *inputs])
+    out = open_run_dir(out, force, results=(), stale=("cache",), inputs=inputs)
     started = time.perf_counter()
     cfg, info = load_config(config, out, overrides, progress=progress)
     if search not in (None, "grid", "optuna"):
