@@ -256,3 +256,132 @@ def test_nonfinite_result_is_an_error(llama_family, tmp_path):
     with pytest.raises(MedmergeError, match=r"weights of .* sum to 0"):
         medmerge.merge(cfg, out, progress=False)
     assert_nothing_written(out)
+
+
+def _edit_config(folder: Path, **changes) -> Path:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, r"model_type 'mistral' .* 'llama'"),
+    ({"architectures": ["LlamaForSequenceClassification"]}, r"architectures \['LlamaForSequenceClassification'\]"),
+])
+def test_inputs_of_another_architecture_are_refused(llama_family, tmp_path, changes, match):
+    other = _edit_config(copy_model(llama_family["b"], tmp_path / "other"), **changes)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=match) as info:
+        medmerge.merge(linear_cfg(llama_family["a"], other), out, progress=False)
+    assert str(other) in str(info.value) and str(llama_family["a"]) in str(info.value)
+    assert_nothing_written(out)
+
+
+def test_input_without_config_json_is_refused(llama_family, tmp_path):
+    bare = copy_model(llama_family["b"], tmp_path / "bare")
+    (bare / "config.json").unlink()
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"bare has no config.json"):
+        medmerge.merge(linear_cfg(llama_family["a"], bare), out, progress=False)
+    assert_nothing_written(out)
+
+
+def test_custom_code_config_is_refused_even_with_trust_remote_code(llama_family, tmp_path):
+    auto_map = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    a = _edit_config(copy_model(llama_family["a"], tmp_path / "a"), auto_map=auto_map)
+    b = _edit_config(copy_model(llama_family["b"], tmp_path / "b"), auto_map=auto_map)
+    out = tmp_path / "out"
+    for trust in (False, True):
+        with pytest.raises(InputError, match=r"auto_map.*never runs remote code.*save_pretrained"):
+            medmerge.merge(linear_cfg(a, b), out, progress=False, trust_remote_code=trust)
+        assert_nothing_written(out)
+
+
+def _int_copy(src: Path, dst: Path, seed: int) -> Path:
+    def quantize(state):
+        g = torch.Generator().manual_seed(seed)
+        shape = state["model.layers.0.mlp.up_proj.weight"].shape
+        state["model.layers.0.mlp.up_proj.weight"] = torch.randint(-8, 8, shape, dtype=torch.int8, generator=g)
+    return edited_copy(src, dst, quantize)
+
+
+def test_non_float_tensor_is_refused_unless_identical(llama_family, tmp_path):
+    qa = _int_copy(llama_family["a"], tmp_path / "qa", seed=1)
+    qb = _int_copy(llama_family["b"], tmp_path / "qb", seed=2)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"'model.layers.0.mlp.up_proj.weight' .*int8.*qb.*model.safetensors"):
+        medmerge.merge(linear_cfg(qa, qb), out, progress=False)
+    assert_nothing_written(out)
+    # int8 in one input, float in the other: refused from the headers alone
+    with pytest.raises(InputError, match=r"'model.layers.0.mlp.up_proj.weight' is int8 in .*qa"):
+        medmerge.merge(linear_cfg(qa, llama_family["b"]), out, progress=False)
+    assert_nothing_written(out)
+    # the bit-identical integer tensor in every input is copied
+    same = _int_copy(llama_family["b"], tmp_path / "same", seed=1)
+    result = medmerge.merge(linear_cfg(qa, same), out, progress=False)
+    assert torch.equal(load_file(out / "model.safetensors")["model.layers.0.mlp.up_proj.weight"],
+                       load_file(qa / "model.safetensors")["model.layers.0.mlp.up_proj.weight"])
+    assert result.verification.ok
+
+
+@pytest.mark.parametrize("threads", ["0", "-2"])
+def test_threads_must_be_positive(llama_family, tmp_path, threads):
+    import yaml
+    from typer.testing import CliRunner
+
+    from medmerge.cli import app
+
+    cfg_file = tmp_path / "merge.yml"
+    cfg_file.write_text(yaml.safe_dump(linear_cfg(llama_family["a"], llama_family["b"])))
+    result = CliRunner().invoke(app, ["merge", str(cfg_file), str(tmp_path / "out"), "-q", "--threads", threads])
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and "--threads" in result.output and "Traceback" not in result.output
+    with pytest.raises(ConfigError, match="threads"):
+        medmerge.merge(linear_cfg(llama_family["a"], llama_family["b"]), tmp_path / "out", progress=False,
+                       threads=int(threads))
+    assert_nothing_written(tmp_path / "out")
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_not_run(llama_family, tmp_path):
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    shutil.copy(llama_family["b"] / "config.json", evil / "config.json")
+    state = load_file(llama_family["b"] / "model.safetensors")
+    state["extra"] = _Payload(marker)
+    torch.save(state, evil / "pytorch_model.bin")
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"pytorch_model.bin is not a plain tensor checkpoint; nothing was executed"):
+        medmerge.merge(linear_cfg(llama_family["a"], evil), out, progress=False, allow_pickle=True)
+    assert not marker.exists()
+    assert_nothing_written(out)
+
+
+def test_verify_json_is_not_overwritten_without_force(llama_family, tmp_path):
+    from typer.testing import CliRunner
+
+    from medmerge.cli import app
+
+    out = tmp_path / "out"
+    medmerge.merge(linear_cfg(llama_family["a"], llama_family["b"]), out, progress=False)
+    report = tmp_path / "report.json"
+    report.write_text("precious")
+    runner = CliRunner()
+    result = runner.invoke(app, ["verify", str(out), "-q", "--json", str(report)])
+    assert result.exit_code == 2 and "--force" in result.output, result.output
+    assert report.read_text() == "precious"
+    result = runner.invoke(app, ["verify", str(out), "-q", "--json", str(report), "--force"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["ok"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".report")] == []

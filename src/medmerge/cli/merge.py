@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -10,6 +11,7 @@ import typer
 from rich.table import Table
 
 from ..adapters.verify import verify_output
+from ..errors import OutputExistsError
 from ..merging import merge, methods
 from .app import app
 from .common import command, console, stdout
@@ -34,11 +36,30 @@ def merge_cmd(
     console.print(result.summary())
 
 
+def check_json_out(path: Path, force: bool) -> None:
+    """A report file may be written at `path`: not a folder, and not an existing file unless --force."""
+    if path.is_dir():
+        raise OutputExistsError(f"--json {path} is a folder; pass the path of a file")
+    if path.exists() and not force:
+        raise OutputExistsError(f"--json {path} exists; pass --force to replace it, or choose another file")
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """JSON written to a temporary file beside `path`, then renamed over it: never a half-written report."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @command(app, "verify")
 def verify_cmd(
     folder: Path = typer.Argument(..., help="a folder written by `medmerge merge`"),
     sample: Optional[float] = typer.Option(None, "--sample", help="recompute only this FRACTION of tensors (0-1)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON here"),
+    force: bool = typer.Option(False, "--force", help="replace the --json FILE if it exists"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="inputs are pickle checkpoints you trust"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     base: Optional[str] = typer.Option(None, "--base", help="adapter merges: the base model the export should hold"),
@@ -56,10 +77,12 @@ def verify_cmd(
     W0 + sum w_i dW_i, and an export that equals the base or one adapter alone is
     named as such.
     """
+    if json_out:
+        check_json_out(json_out, force)  # before the (long) recomputation
     report = verify_output(folder, sample=sample, base=base, adapters=adapter, method=method, density=density,
                            seed=seed, allow_pickle=allow_pickle, progress=not quiet)
     if json_out:
-        json_out.write_text(json.dumps(report.to_dict(), indent=2))
+        write_json_atomic(json_out, report.to_dict())
     table = Table(title=f"{folder}: {len(report.checked)} of {report.total_tensors} tensors recomputed")
     for col in ("tensor", "max abs error", "max rel error", "ok"):
         table.add_column(col)

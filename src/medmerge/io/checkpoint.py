@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import re
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -141,6 +144,57 @@ def resolve_model_path(ref: str, relative_to: Optional[Path] = None) -> Path:
     raise InputError(f"model folder {ref!r} does not exist; pass the path of a local model folder")
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _refused(e: Exception) -> str:
+    """The line of torch's weights-only refusal that names what the pickle asked for."""
+    m = re.search(r"(Trying to load unsupported GLOBAL[^\n]*|Unsupported (?:global|operand)[^\n]*)", str(e))
+    return m.group(1).strip() if m else _first_line(e)
+
+
+def load_tensor_pickle(file: Path) -> dict[str, torch.Tensor]:
+    """A pickle checkpoint's flat {name: tensor} dict, read with torch's weights-only unpickler.
+
+    That unpickler builds tensors and plain containers only and refuses anything else before
+    running it, so a file that would execute code (a `__reduce__` payload) is refused with
+    nothing executed.
+    """
+    def load(mmap: bool):
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        try:
+            state = load(mmap=True)
+        except RuntimeError as e:
+            if "mmap can only be used" not in str(e):
+                raise
+            state = load(mmap=False)  # a legacy (not zip) torch.save file, or not a torch file at all
+    except pickle.UnpicklingError as e:
+        raise InputError(
+            f"{file} is not a plain tensor checkpoint; nothing was executed: it holds Python objects that only "
+            f"unpickling with code execution could build ({_refused(e)}). Do not load it with weights_only=False "
+            "unless you trust its source; ask the source for a safetensors copy, or, where you trust it, re-save "
+            "only its tensors (safetensors.torch.save_file(state_dict, 'model.safetensors'))"
+        ) from None
+    # whatever else a damaged or foreign file makes the (code-free) weights-only unpickler raise
+    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError,
+            struct.error, zipfile.BadZipFile) as e:
+        raise InputError(f"{file}: not a readable torch checkpoint ({type(e).__name__}: {_first_line(e)}); the file "
+                         "is damaged or of another format: re-download it or convert it to safetensors") from None
+    if not isinstance(state, dict):
+        raise InputError(f"{file} holds a {type(state).__name__}, not a state dict of tensors; save the model's "
+                         "state_dict as safetensors and pass that")
+    odd = [k for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if odd:
+        raise InputError(f"{file}: entry {odd[0]!r} is not a tensor, so this is not a flat state dict (a training "
+                         "checkpoint?); save the model's own state_dict (e.g. its 'state_dict' entry) as safetensors "
+                         "and pass that")
+    return state
+
+
 class Checkpoint:
     """A local model folder: config, tokenizer files and lazily read tensors."""
 
@@ -207,8 +261,11 @@ class Checkpoint:
         self._pickled = {}
         records = {}
         for file in files:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            state = load_tensor_pickle(file)
             for name, tensor in state.items():
+                if tensor.dtype not in DTYPE_NAMES:
+                    raise InputError(f"{file}: tensor {name!r} has unsupported dtype {tensor.dtype}; "
+                                     "convert the checkpoint to one of " + ", ".join(map(str, DTYPE_NAMES)))
                 self._pickled[name] = tensor
                 nbytes = tensor.numel() * tensor.element_size()
                 records[name] = TensorRecord(name, file, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), 0, nbytes)

@@ -9,8 +9,8 @@ from typing import Optional, Union
 
 import torch
 
-from ..errors import MedmergeError
-from ..io.writer import OutTensor, ShardedWriter, atomic_output_dir, check_output, parse_size
+from ..errors import ConfigError, MedmergeError
+from ..io.writer import OutTensor, ShardedWriter, atomic_output_dir, check_output, check_space, parse_size
 from ..runtime import resolve_device
 from .config import MergeConfig, parse_config
 from .execute import StreamStats, stream_merge
@@ -39,6 +39,14 @@ class MergeResult:
             lines.append(f"verified {len(self.verification.checked)} recomputed tensors: largest abs error {worst:.3g}")
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
+
+
+def check_threads(threads: object) -> int:
+    """`threads` when it is a positive whole number; otherwise a ConfigError saying what to pass."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads (--threads) must be a positive whole number of CPU threads, got {threads!r}; "
+                          "leave it out to use torch's default")
+    return threads
 
 
 def load_plan(
@@ -78,10 +86,13 @@ def merge(
     out = Path(out)
     check_output(out, force)
     if threads is not None:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(check_threads(threads))
     dev = torch.device(resolve_device(device))
     plan = load_plan(config, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     size = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
+    inputs = [getattr(m, "path", None) for m in plan.models]
+    check_output(out, force, inputs)  # never is, holds or lies inside an input model: --force would delete it
+    check_space(out, sum(OutTensor(tp.name, tp.out_dtype, tp.shape).nbytes for tp in plan.tensors))
     # Side work that overlaps the merge: input hashes for the record, and the shapes
     # transformers will expect from the output config.json (for the post-merge check).
     side: dict = {}
@@ -92,7 +103,7 @@ def merge(
     )
     if verify:
         shaper.start()
-    with atomic_output_dir(out, force=force) as tmp:
+    with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
         writer = ShardedWriter(tmp, [OutTensor(tp.name, tp.out_dtype, tp.shape) for tp in plan.tensors], size)
         stats = stream_merge(plan, writer, device=dev, progress=progress)
         writer.close()

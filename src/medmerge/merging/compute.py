@@ -69,7 +69,7 @@ def merge_loaded(
     emptied, so the caller holds no reference while the kernel runs.
     """
     if not tp.mergeable:
-        return tensors[plan.reference]
+        return _identical(plan, tp, tensors)
     work = [t.to(device=device) for t in tensors]
     owned = owned or all(w.data_ptr() != t.data_ptr() for w, t in zip(work, tensors))
     tensors.clear()
@@ -87,6 +87,21 @@ def merge_loaded(
             "(for example weights that sum to zero with normalize: true)"
         )
     return result
+
+
+def _identical(plan: MergePlan, tp: TensorPlan, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A non-float tensor (integer, boolean, quantized) is copied only when every input holds it bit for bit."""
+    ref = tensors[plan.reference]
+    for i, t in enumerate(tensors):
+        if i != plan.reference and not torch.equal(t, ref):
+            files = [plan.models[k].records[tp.sources[k]].file for k in (plan.reference, i)]
+            raise InputError(
+                f"tensor {tp.name!r} is {str(ref.dtype).replace('torch.', '')} (not floating point) and differs "
+                f"between {plan.model_refs[plan.reference]} ({files[0]}) and {plan.model_refs[i]} ({files[1]}): "
+                "medmerge cannot merge integer, boolean or quantized tensors, and copies one only when every input "
+                "holds the identical tensor; dequantize the models first (e.g. load and re-save them in bfloat16)"
+            )
+    return ref
 
 
 def merge_tensor(

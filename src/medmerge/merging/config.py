@@ -58,6 +58,13 @@ class MergeConfig(BaseModel):
             raise ValueError(f"{v!r} is not one of {', '.join(DTYPES)}")
         return v
 
+    @field_validator("random_seed", mode="before")
+    @classmethod
+    def _seed(cls, v):
+        if isinstance(v, bool):  # pydantic would read true as 1
+            raise ValueError(f"{v!r} is not a whole number; give the seed as an integer, e.g. 0")  # noqa: TRY004 - pydantic reports ValueErrors
+        return v
+
     @field_validator("base_model", mode="before")
     @classmethod
     def _base_ref(cls, v):

@@ -59,7 +59,7 @@ class TensorPlan:
     sources: list[str]  # tensor name to read in each input model
     global_params: dict
     model_params: list[dict]
-    mergeable: bool = True  # False: non-float tensor copied from the reference model
+    mergeable: bool = True  # False: non-float tensor, copied when every input holds it bit for bit
     vocab: bool = False  # rows are aligned through the plan's VocabAlignment
 
     @property
@@ -86,34 +86,49 @@ class MergePlan:
         return tp.mergeable and not tp.vocab and self.method.spec.elementwise(tp.global_params, tp.model_params)
 
 
+def dtype_text(dtype: torch.dtype) -> str:
+    """torch.int8 -> 'int8'."""
+    return str(dtype).replace("torch.", "")
+
+
 def torch_dtype(name: Optional[str]) -> Optional[torch.dtype]:
     return None if name is None else getattr(torch, name)
 
 
-def _coerce(param, where):
+def _coerce(param, where, relaxed: bool = False):
     def coerce(value):
         try:
-            return param.coerce(value, where)
+            return param.coerce(value, where, relaxed=relaxed)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
     return coerce
 
 
-def resolve_params(method, config: MergeConfig, name: str, t: float, inputs: list[int], base: Optional[int]):
-    """(global params, per-input params) for one tensor, highest precedence first."""
+def resolve_params(method, config: MergeConfig, name: str, t: float, inputs: list[int], base: Optional[int], *,
+                   label: str | None = None, lenient: bool = False):
+    """(global params, per-input params) for one tensor, highest precedence first; each value checked
+    against its parameter's domain, and the method's constraints between parameters checked.
+
+    `label` names the tensor in messages; `lenient`: None instead of an error when a required
+    parameter has no value (the config-only check, where filtered values match no tensor name).
+    """
     spec = method.spec
     top = config.parameters or {}
+    label = label or f"tensor {name}"
     global_params = {}
-    for p in spec.params:
-        if p.scope != GLOBAL:
-            continue
-        value = evaluate_setting(name, top[p.name], t, _coerce(p, name)) if p.name in top else None
+    # parameters whose domain another one lifts (`unless`) come after it
+    for p in sorted((p for p in spec.params if p.scope == GLOBAL), key=lambda p: p.unless is not None):
+        relaxed = bool(p.unless and global_params.get(p.unless))
+        value = evaluate_setting(name, top[p.name], t, _coerce(p, label, relaxed)) if p.name in top else None
         if value is None:
             if p.required:
-                raise ConfigError(f"method {spec.name!r} needs parameter `{p.name}` (tensor {name}); add it under `parameters:`")
+                if lenient:
+                    return None
+                raise ConfigError(f"method {spec.name!r} needs parameter `{p.name}` ({label}); add it under `parameters:`")
             value = p.default
         global_params[p.name] = value
+    global_params = {p.name: global_params[p.name] for p in spec.params if p.scope == GLOBAL}  # declared order
     per_model = []
     for i in inputs:
         entry = config.models[i].parameters if i < len(config.models) else None
@@ -123,21 +138,28 @@ def resolve_params(method, config: MergeConfig, name: str, t: float, inputs: lis
             if p.scope == GLOBAL or (p.scope == PER_NON_BASE and i == base):
                 continue
             value = None
-            where = f"model {ref}, tensor {name}"
+            where = f"model {ref}, {label}"
+            relaxed = bool(p.unless and global_params.get(p.unless))
             for scope in (entry or {}, top):
                 if p.name in scope:
-                    value = evaluate_setting(name, scope[p.name], t, _coerce(p, where))
+                    value = evaluate_setting(name, scope[p.name], t, _coerce(p, where, relaxed))
                     if value is not None:
                         break
             if value is None:
                 if p.required:
+                    if lenient:
+                        return None
                     raise ConfigError(
-                        f"method {spec.name!r} needs `{p.name}` for model {ref} (tensor {name}); "
+                        f"method {spec.name!r} needs `{p.name}` for model {ref} ({label}); "
                         f"set it in that model's `parameters:` or globally"
                     )
                 value = p.default
             resolved[p.name] = value
         per_model.append(resolved)
+    refs = [config.models[i].model if i < len(config.models) else config.base_model for i in inputs]
+    problem = spec.check(global_params, list(zip(refs, per_model)))
+    if problem:
+        raise ConfigError(f"{problem} ({label})")
     return global_params, per_model
 
 
@@ -159,6 +181,81 @@ def _check_parameter_names(method, config: MergeConfig) -> None:
                 raise ConfigError(
                     f"`models[{i}] ({m.model}).parameters`: `{key}` is a global parameter of "
                     f"{method.spec.name!r}; set it under the top-level `parameters:`"
+                )
+
+
+def _settings(config: MergeConfig):
+    """(config key, whose, parameter, setting) of every parameter setting: the top level's, then each model's."""
+    for key, setting in (config.parameters or {}).items():
+        yield "parameters", "`parameters`", key, setting
+    for i, m in enumerate(config.models):
+        for key, setting in (m.parameters or {}).items():
+            yield f"models[{i}] ({m.model}).parameters", f"model {m.model}", key, setting
+
+
+def _setting_values(setting):
+    """Every scalar a setting can resolve to (gradient points, each condition's value), and every filter."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list):
+        for item in setting:
+            if isinstance(item, dict):
+                if "value" not in item:
+                    raise ConfigError(f"parameter condition {item!r} needs `value` (and optionally `filter`)")
+                if item.get("filter") is not None:
+                    yield "filter", item["filter"]
+                yield from _setting_values(item["value"])
+            else:
+                yield "value", item
+    elif setting is not None:
+        yield "value", setting
+
+
+def _check_parameter_values(method, config: MergeConfig) -> None:
+    """Every value the config gives a parameter (each gradient point, each filtered value) lies in its domain.
+
+    The per-tensor resolution checks the values each tensor gets (and the constraints between
+    parameters); this pass also covers values that no tensor ends up using, and names the key.
+    """
+    spec = method.spec
+    # a parameter that lifts another's domain (allow_extrapolation) counts when it is true anywhere
+    lifted = {key for _, _, key, setting in _settings(config)
+              if setting is True or (isinstance(setting, str) and setting.lower() == "true")}
+    for _, whose, key, setting in _settings(config):
+        p = spec.param(key)
+        coerce = _coerce(p, whose, relaxed=bool(p.unless and p.unless in lifted))
+        for kind, value in _setting_values(setting):
+            if kind == "value":
+                coerce(value)
+
+
+def check_config(config: MergeConfig) -> methods.MergeMethod:
+    """Every check that needs no model: the method exists, its parameters are known and in their domains.
+
+    `build_plan` runs it first; a sweep runs it on every point of its grid before evaluating anything.
+    """
+    method = _method(config)
+    _check_parameter_names(method, config)
+    _check_parameter_values(method, config)
+    refs, base = input_refs(config)
+    has_base = base is not None and method.spec.base != "ignored"
+    if check_counts(method.spec, len(refs), has_base) is None:
+        # the constraints between parameters, for the values of tensors no filter matches, at both
+        # ends of any gradient (every tensor is checked again when the plan is built)
+        for t, where in ((0.0, "the first layer"), (1.0, "the last layer")):
+            resolve_params(method, config, "", t, list(range(len(refs))), base if has_base else None,
+                           label=f"the values of {where}", lenient=True)
+    return method
+
+
+def _check_filters(config: MergeConfig, names: list[str]) -> None:
+    """A condition's `filter` must match (be a substring of) at least one output tensor name."""
+    for where, _, key, setting in _settings(config):
+        for kind, flt in _setting_values(setting):
+            if kind == "filter" and flt != "*" and not any(str(flt) in n for n in names):
+                raise ConfigError(
+                    f"`{where}.{key}`: filter {flt!r} matches no tensor of the models (a filter is a substring of "
+                    f"tensor names such as {names[0] if names else '-'!r}); fix the filter or drop that condition"
                 )
 
 
@@ -186,7 +283,7 @@ def build_plan(
     trust_remote_code: bool = False,
 ) -> MergePlan:
     """Check `config` against its input models (headers and configs only) and plan every output tensor."""
-    method = _method(config)
+    method = check_config(config)
     refs, base = input_refs(config)
     if len(models) != len(refs):
         raise ConfigError(f"expected {len(refs)} input models, got {len(models)}")
@@ -196,11 +293,12 @@ def build_plan(
         raise ConfigError(problem)
     if len(set(refs)) != len(refs):
         raise ConfigError("the same model is listed twice in `models`; list each input once")
-    _check_parameter_names(method, config)
     method_base = base if has_base else None
     reference = base if base is not None else 0
+    _check_architectures(models, refs, reference)
     n_layers = _layer_count(models, refs, reference)
     names, sources, ignored = _tensor_sources(models, refs, reference)
+    _check_filters(config, names)
     alignment = _vocab_alignment(config, models, refs, base, names, sources, trust_remote_code)
 
     load_dtype = torch_dtype(config.dtype)
@@ -231,6 +329,52 @@ def _method(config: MergeConfig) -> methods.MergeMethod:
         return methods.get(config.merge_method)
     except KeyError as e:
         raise ConfigError(str(e.args[0])) from None
+
+
+def _check_architectures(models: list[ModelSource], refs: list[str], reference: int) -> None:
+    """Every input folder has a config.json without custom code, of the reference's model_type and architectures.
+
+    In-memory state dicts (no folder) carry no config and are not checked.
+    """
+    for m, ref in zip(models, refs):
+        if getattr(m, "path", None) is None:
+            continue
+        if not m.config:
+            raise InputError(
+                f"model folder {ref} has no config.json (or an empty one): medmerge needs each input's config.json "
+                "to check that the inputs share one architecture and to write a loadable output. Copy the "
+                "config.json of the model it was fine-tuned from into that folder, or re-save the model with "
+                "transformers' save_pretrained"
+            )
+        auto_map = m.config.get("auto_map")
+        # custom model code; a custom tokenizer alone is the tokenizer's business (--trust-remote-code)
+        code = sorted(k for k in auto_map if k != "AutoTokenizer") if isinstance(auto_map, dict) else \
+            ([str(auto_map)] if auto_map else [])
+        if code:
+            raise InputError(
+                f"model {ref}: config.json has `auto_map` ({', '.join(code)}): "
+                "its architecture is custom Python code shipped with the model, and medmerge never runs remote code "
+                "(--trust-remote-code only lets tokenizers run theirs), so it cannot check or write such a model. "
+                "Convert it to a standard transformers architecture first: if its weights follow a built-in one, "
+                "remove `auto_map` and set `model_type` and `architectures` to it (e.g. llama, LlamaForCausalLM); "
+                "otherwise load it with trust_remote_code=True where you trust the code, port the weights to the "
+                "built-in class and save that with save_pretrained"
+            )
+    ref_model = models[reference]
+    if getattr(ref_model, "path", None) is None:
+        return
+    for m, ref in zip(models, refs):
+        if m is ref_model or getattr(m, "path", None) is None:
+            continue
+        for key in ("model_type", "architectures"):
+            want, got = ref_model.config.get(key), m.config.get(key)
+            if key == "architectures" and (want is None or got is None):
+                continue  # configs saved without the list: model_type still decides
+            if want != got:
+                raise InputError(
+                    f"input models are of different architectures: {ref} has {key} {got!r} but {refs[reference]} "
+                    f"has {want!r} (config.json); merge models of one architecture (fine-tunes of one base)"
+                )
 
 
 def _layer_count(models: list[ModelSource], refs: list[str], reference: int) -> int:
@@ -317,6 +461,20 @@ def _tensor_plan(name: str, method, config: MergeConfig, models: list[ModelSourc
     if is_vocab:
         shape = (alignment.size, *shape[1:])
     floating = all(r.torch_dtype.is_floating_point for r in recs)
+    if not floating:
+        # integer, boolean or quantized: never merged, copied only when every input holds the same tensor
+        # (the data is compared when it is read, `compute.merge_loaded`); here the dtypes must agree
+        first = recs[reference]
+        for rec, ref in zip(recs, refs):
+            if rec.dtype != first.dtype:
+                odd, odd_ref, other, other_ref = (first, refs[reference], rec, ref) \
+                    if not first.torch_dtype.is_floating_point else (rec, ref, first, refs[reference])
+                raise InputError(
+                    f"tensor {name!r} is {dtype_text(odd.torch_dtype)} in {odd_ref} ({odd.file}) but "
+                    f"{dtype_text(other.torch_dtype)} in {other_ref} ({other.file}): medmerge merges floating-point "
+                    "tensors only (an integer, boolean or quantized tensor is copied when every input holds the "
+                    "identical one); dequantize the models first (e.g. load and re-save them in bfloat16)"
+                )
     t = arch.layer_t(name, n_layers)
     global_params, model_params = resolve_params(method, config, name, t, list(range(len(refs))), method_base)
     if floating:

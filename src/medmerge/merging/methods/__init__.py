@@ -22,11 +22,16 @@ def get(name: str) -> MergeMethod:
 
 
 def describe() -> list[tuple[str, str, str]]:
-    """(name, base requirement, "param=default (scope), ...") of every method, by name (`medmerge methods`)."""
+    """(name, base requirement, "param=default domain (scope), ...") of every method, by name (`medmerge methods`).
+
+    The domain is what the plan accepts: `in (0, 1]`, `finite`, `in [0, 1] unless allow_extrapolation`,
+    `one of l1|inverse_density`.
+    """
     rows = []
     for name in sorted(REGISTRY):
         spec = REGISTRY[name].spec
-        params = ", ".join(f"{p.name}{'' if p.required else '=' + str(p.default)} ({p.scope})" for p in spec.params)
+        params = ", ".join(f"{p.name}{'' if p.required else '=' + str(p.default)}{p.domain_text()} ({p.scope})"
+                           for p in spec.params)
         rows.append((name, spec.base, params))
     return rows
 

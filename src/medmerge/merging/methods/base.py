@@ -9,6 +9,7 @@ before any tensor is read.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -21,6 +22,47 @@ PER_INPUT = "input"  # one value per input model, base included
 PER_NON_BASE = "non_base"  # one value per input model other than the base
 
 
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The values a numeric parameter may take: finite numbers in an interval (None: unbounded that side)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    @property
+    def bounded(self) -> bool:
+        return self.low is not None or self.high is not None
+
+    def __contains__(self, value: Any) -> bool:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            return False
+        if not math.isfinite(v):
+            return False
+        if self.low is not None and (v < self.low or (self.low_open and v == self.low)):
+            return False
+        return self.high is None or not (v > self.high or (self.high_open and v == self.high))
+
+    def __str__(self) -> str:
+        if not self.bounded:
+            return "finite"
+        low = "(-inf" if self.low is None else ("(" if self.low_open else "[") + _num(self.low)
+        high = "inf)" if self.high is None else _num(self.high) + (")" if self.high_open else "]")
+        return f"{low}, {high}"
+
+
+FINITE = Domain()  # any finite number (the domain of every numeric parameter that declares none)
+UNIT = Domain(0.0, 1.0)  # [0, 1]
+FRACTION = Domain(0.0, 1.0, low_open=True)  # (0, 1]: a share kept (density)
+
+
 @dataclass(frozen=True)
 class Param:
     name: str
@@ -29,13 +71,34 @@ class Param:
     default: Any = REQUIRED
     choices: Optional[tuple] = None
     doc: str = ""
+    domain: Domain | None = None  # numeric parameters: FINITE unless given
+    unless: str | None = None  # a global bool parameter that, when true, lifts `domain` (finite values only)
+
+    def __post_init__(self):
+        if self.domain is None and self.type in (float, int):
+            object.__setattr__(self, "domain", FINITE)
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
 
-    def coerce(self, value: Any, where: str) -> Any:
-        """Validate one resolved value; `where` names the tensor and model."""
+    def domain_text(self) -> str:
+        """' in (0, 1]', ' finite', ' in [0, 1] unless allow_extrapolation', ' one of a|b' or ''."""
+        text = ""
+        if self.domain is not None:
+            text = f" in {self.domain}" if self.domain.bounded else " finite"
+            if self.unless:
+                text += f" unless {self.unless}"
+        if self.choices is not None:
+            text += " one of " + "|".join(map(str, self.choices))
+        return text
+
+    def coerce(self, value: Any, where: str, relaxed: bool = False) -> Any:
+        """Validate one resolved value; `where` names the tensor and model.
+
+        Numeric values must be finite and lie in `domain` (only finite when `relaxed`: the
+        `unless` parameter is true).
+        """
         try:
             if self.type is bool:
                 if isinstance(value, str) and value.lower() in ("true", "false"):
@@ -65,6 +128,15 @@ class Param:
                 f"parameter {self.name!r} for {where}: {value!r} is not one of "
                 f"{', '.join(map(str, self.choices))}"
             )
+        if self.domain is not None:
+            domain = FINITE if relaxed else self.domain
+            if value not in domain:
+                if not domain.bounded:
+                    raise ValueError(f"parameter {self.name!r} for {where}: {value!r} must be finite (a number, "
+                                     "not nan or inf)")
+                hint = f"; set `{self.unless}: true` to allow values outside it" if self.unless else ""
+                raise ValueError(f"parameter {self.name!r} for {where}: {value!r} is outside {domain}, the values "
+                                 f"it may take{hint}")
         return value
 
 
@@ -83,6 +155,9 @@ class MethodSpec:
     elementwise: Callable[[dict, list], bool] = field(default=lambda g, m: False)
     formula: str = ""
     reference: str = ""
+    # Constraints between parameters, given the resolved global parameters and (model, parameters)
+    # of every input: why they do not fit together, or None. Checked for every tensor at plan time.
+    check: Callable[[dict, list], str | None] = field(default=lambda g, m: None)
 
     def param(self, name: str) -> Param:
         for p in self.params:

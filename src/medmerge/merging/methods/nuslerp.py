@@ -6,6 +6,12 @@ import torch
 from .base import PER_NON_BASE, MergeMethod, MethodSpec, Param, TensorInputs
 
 
+def interpolation_factor(w0: float, w1: float) -> float:
+    """t = w_2 / (w_1 + w_2), 0.5 when the weights sum to (about) 0."""
+    total = w0 + w1
+    return 0.5 if abs(total) < 1e-6 else w1 / total
+
+
 def nuslerp_vectors(
     t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, flatten: bool = False, eps: float = 1e-8
 ) -> torch.Tensor:
@@ -31,15 +37,27 @@ def nuslerp_vectors(
 
 def nuslerp(x: TensorInputs, p: dict) -> torch.Tensor:
     first, second = x.non_base
-    w0, w1 = x.model_params[first]["weight"], x.model_params[second]["weight"]
-    total = w0 + w1
-    t = 0.5 if abs(total) < 1e-6 else w1 / total
+    t = interpolation_factor(x.model_params[first]["weight"], x.model_params[second]["weight"])
     dim = 0 if p["nuslerp_row_wise"] else -1
     v0, v1 = x.tensors[first], x.tensors[second]
     if x.base is None:
         return nuslerp_vectors(t, v0, v1, dim=dim, flatten=p["nuslerp_flatten"])
     base = x.tensors[x.base]
     return base + nuslerp_vectors(t, v0 - base, v1 - base, dim=dim, flatten=p["nuslerp_flatten"])
+
+
+def check(g: dict, models: list) -> str | None:
+    """t derived from the weights must lie in [0, 1] unless `allow_extrapolation`."""
+    weighted = [(ref, p["weight"]) for ref, p in models if "weight" in p]
+    if g["allow_extrapolation"] or len(weighted) != 2:
+        return None
+    (r0, w0), (r1, w1) = weighted
+    t = interpolation_factor(w0, w1)
+    if 0 <= t <= 1:
+        return None
+    return (f"nuslerp: t = w_2 / (w_1 + w_2) = {t:g} (weight {w0:g} for {r0}, {w1:g} for {r1}) is outside [0, 1], "
+            "which extrapolates beyond the two models; give both weights one sign, or set "
+            "`allow_extrapolation: true`")
 
 
 METHOD = MergeMethod(
@@ -49,6 +67,7 @@ METHOD = MergeMethod(
             Param("weight", float, PER_NON_BASE, doc="relative weight; t = w_2 / (w_1 + w_2)"),
             Param("nuslerp_row_wise", bool, default=False, doc="SLERP each column vector (dim 0)"),
             Param("nuslerp_flatten", bool, default=True, doc="SLERP the whole flattened tensor"),
+            Param("allow_extrapolation", bool, default=False, doc="allow weights whose t falls outside [0, 1]"),
         ),
         base="optional",
         min_non_base=2,
@@ -59,6 +78,7 @@ METHOD = MergeMethod(
             "(default), rows (last dim) or columns (nuslerp_row_wise)"
         ),
         reference="https://github.com/arcee-ai/mergekit",
+        check=check,
     ),
     nuslerp,
 )

@@ -5,7 +5,7 @@ Each tensor is treated as one flattened vector (as mergekit 0.1.5 does).
 
 import torch
 
-from .base import MergeMethod, MethodSpec, Param, TensorInputs, chunked_sum
+from .base import UNIT, MergeMethod, MethodSpec, Param, TensorInputs, chunked_sum
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -40,7 +40,12 @@ def slerp(x: TensorInputs, p: dict) -> torch.Tensor:
 METHOD = MergeMethod(
     MethodSpec(
         name="slerp",
-        params=(Param("t", float, doc="0 gives the base model, 1 the other model"),),
+        params=(
+            Param("t", float, domain=UNIT, unless="allow_extrapolation",
+                  doc="0 gives the base model, 1 the other model"),
+            Param("allow_extrapolation", bool, default=False,
+                  doc="allow t outside [0, 1] (beyond the two models on their great circle)"),
+        ),
         base="required",
         min_inputs=2,
         max_inputs=2,

@@ -11,7 +11,16 @@ from typing import Optional
 import torch
 
 from . import sparsify
-from .base import CHUNK, PER_NON_BASE, MergeMethod, MethodSpec, Param, TensorInputs
+from .base import (
+    CHUNK,
+    FRACTION,
+    PER_NON_BASE,
+    Domain,
+    MergeMethod,
+    MethodSpec,
+    Param,
+    TensorInputs,
+)
 
 
 def _sparsify(x: TensorInputs, row: int, delta: torch.Tensor, mp: dict, method: str, mode) -> torch.Tensor:
@@ -88,6 +97,16 @@ def _no_sparsification(g: dict, models: list) -> bool:
     return all(m.get("density", 1.0) >= 1 for m in models)
 
 
+def _della_check(g: dict, models: list) -> str | None:
+    """MagPrune's keep probabilities density +/- epsilon must lie in (0, 1) wherever something is dropped."""
+    for ref, p in models:
+        density, epsilon = p.get("density", 1.0), p.get("epsilon", 0.0)
+        if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+            return (f"della: model {ref}: density {density:g} +/- epsilon {epsilon:g} must lie in (0, 1); "
+                    "lower epsilon or move density toward 0.5")
+    return None
+
+
 def _family_member(
     name: str,
     sparsification: Optional[str],
@@ -99,7 +118,7 @@ def _family_member(
 ) -> MergeMethod:
     params = [
         Param("weight", float, PER_NON_BASE, doc="weight w_i of each task vector"),
-        Param("density", float, PER_NON_BASE, default=1.0, doc="fraction of each task vector kept"),
+        Param("density", float, PER_NON_BASE, default=1.0, domain=FRACTION, doc="fraction of each task vector kept"),
         Param("lambda", float, default=1.0, doc="scale of the merged task vector"),
         Param("normalize", bool, default=normalize, doc="divide by the (consensus) sum of weights"),
         Param("rescale", bool, default=rescale, doc="rescale kept entries after sparsification"),
@@ -116,9 +135,11 @@ def _family_member(
             )
         )
     if sparsification == "magnitude_outliers":
-        params.append(Param("gamma", float, PER_NON_BASE, default=0.01, doc="fraction of largest entries dropped"))
+        params.append(Param("gamma", float, PER_NON_BASE, default=0.01, domain=Domain(0.0, 1.0, high_open=True),
+                            doc="fraction of largest entries dropped"))
     if sparsification == "della_magprune":
-        params.append(Param("epsilon", float, PER_NON_BASE, default=0.15, doc="spread of keep probabilities"))
+        params.append(Param("epsilon", float, PER_NON_BASE, default=0.15, domain=Domain(0.0, 0.5, high_open=True),
+                            doc="spread of keep probabilities: density +/- epsilon must lie in (0, 1)"))
     if consensus:
         params.append(
             Param(
@@ -148,6 +169,7 @@ def _family_member(
             elementwise=_no_sparsification,
             formula=formula,
             reference=reference,
+            check=_della_check if sparsification == "della_magprune" else (lambda g, m: None),
         ),
         partial(generalized_task_arithmetic, sparsification=sparsification, consensus=consensus),
     )
