@@ -139,3 +139,13 @@ def test_domain_text_and_membership():
 def test_random_seed_is_a_whole_number(seed):
     with pytest.raises(ConfigError, match="random_seed"):
         medmerge.parse_config({"merge_method": "linear", "models": [{"model": "a"}], "random_seed": seed})
+
+
+def test_docs_methods_md_lists_what_the_specs_declare():
+    from pathlib import Path
+
+    from medmerge.merging.methods import markdown
+
+    doc = (Path(__file__).parents[2] / "docs" / "methods.md").read_text()
+    assert doc[doc.index("## Methods\n"):] == markdown() + "\n", (
+        "docs/methods.md is out of date: regenerate its Methods section from medmerge.merging.methods.markdown()")

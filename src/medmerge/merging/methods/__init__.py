@@ -36,6 +36,34 @@ def describe() -> list[tuple[str, str, str]]:
     return rows
 
 
+_SCOPES = {"global": "global", "input": "per model", "non_base": "per model (not the base)"}
+_BASES = {"required": "required", "optional": "optional", "ignored": "not used (treated as one more input if given)"}
+
+
+def markdown() -> str:
+    """The "## Methods" section of docs/methods.md, from the specs (a test keeps the file equal to it)."""
+    out = ["## Methods", ""]
+    for name in sorted(REGISTRY):
+        spec = REGISTRY[name].spec
+        inputs = f"{spec.min_inputs}+" if spec.max_inputs is None else f"{spec.min_inputs}-{spec.max_inputs}"
+        line = f"Base model: {_BASES[spec.base]}. Inputs: {inputs} inputs"
+        if spec.min_non_base or spec.max_non_base is not None:
+            line += f"; {spec.min_non_base}-{spec.max_non_base if spec.max_non_base is not None else ''} besides the base"
+        line += "." + (f" Reference: {spec.reference}" if spec.reference else "")
+        out += [f"### `{name}`", "", line, ""]
+        if spec.formula:
+            out += [f"    {spec.formula}", ""]
+        if spec.params:
+            out += ["| parameter | scope | type | default | domain | meaning |", "|---|---|---|---|---|---|"]
+            for prm in spec.params:
+                default = "required" if prm.required else f"`{prm.default}`"
+                domain = prm.domain_text().strip().replace("|", " / ") or "-"
+                out.append(f"| `{prm.name}` | {_SCOPES[prm.scope]} | {prm.type.__name__} | {default} | {domain} | "
+                           f"{prm.doc} |")
+            out.append("")
+    return "\n".join(out)
+
+
 register(linear.METHOD)
 register(slerp.METHOD)
 register(nuslerp.METHOD)
@@ -44,4 +72,4 @@ register(passthrough.METHOD)
 for _method in task_arithmetic.METHODS:
     register(_method)
 
-__all__ = ["REGISTRY", "MergeMethod", "MethodSpec", "Param", "TensorInputs", "describe", "get", "register"]
+__all__ = ["REGISTRY", "MergeMethod", "MethodSpec", "Param", "TensorInputs", "describe", "get", "markdown", "register"]
