@@ -210,7 +210,9 @@ def test_existing_output_needs_force(models, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "results.json").write_text("{}")
-    result = _cli("eval", str(models["base"]), "--tasks", "mm_medqa", "--out", str(out), "--data-dir", str(tmp_path))
+    (tmp_path / "data").mkdir()  # beside OUT: an output may not lie inside an input
+    result = _cli("eval", str(models["base"]), "--tasks", "mm_medqa", "--out", str(out), "--data-dir",
+                  str(tmp_path / "data"))
     assert result.exit_code == 2 and "--force" in result.output
     assert (out / "results.json").read_text() == "{}"
 

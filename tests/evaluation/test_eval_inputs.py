@@ -26,10 +26,11 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def test_missing_data_file_names_the_file_and_the_public_copy(tiny, tmp_path):
+    (tmp_path / "data").mkdir()  # beside OUT: an output may not lie inside an input
     with pytest.raises(data.DataError) as e:
-        evaluate(tiny, ["mm_medqa"], tmp_path / "out", data_dir=tmp_path)
+        evaluate(tiny, ["mm_medqa"], tmp_path / "out", data_dir=tmp_path / "data")
     msg = str(e.value)
-    assert str(tmp_path / "medqa" / "test.jsonl") in msg and "sampled_50.jsonl" in msg
+    assert str(tmp_path / "data" / "medqa" / "test.jsonl") in msg and "sampled_50.jsonl" in msg
     assert "github.com/gersteinlab/medagents-benchmark" in msg
     assert not (tmp_path / "out").exists()
 
@@ -64,7 +65,7 @@ def test_wrong_or_missing_columns_name_line_and_column(tmp_path):
 @pytest.mark.slow  # indexes all of lm-eval's built-in tasks (about 15 s)
 def test_unknown_task_lists_the_shipped_ones(tiny, tmp_path):
     with pytest.raises(MedmergeError, match=r"unknown task\(s\) mm_nonsense; shipped tasks: mm_ifeval"):
-        evaluate(tiny, ["mm_nonsense"], tmp_path / "out", data_dir=tmp_path)
+        evaluate(tiny, ["mm_nonsense"], tmp_path / "out", data_dir=tmp_path / "data")
 
 
 def test_missing_model_folder_and_hub_ids(tmp_path):

@@ -139,3 +139,16 @@ def test_training_settings_have_declared_domains(world, override, key):
 
     with pytest.raises(ConfigError, match=key):
         _config(world, "d", [override])
+
+
+def test_after_adapter_from_another_base_without_a_record_is_refused_by_fingerprint(world, tmp_path):
+    twin = make_model(tmp_path / "twin", arch="llama", seed=7, hidden=32, layers=2, vocab=64, max_positions=256)
+    first = _config(world, "first").model_copy(update={"model": twin})
+    adapter = train(first, tmp_path / "adapter", progress=False).out
+    (adapter / "medmerge_train.json").unlink()  # e.g. an adapter trained elsewhere: only its adapter_config.json
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(twin)
+    second = _config(world, "second").model_copy(update={"after_adapter": adapter})
+    with pytest.raises(InputError, match=rf"adapter {adapter} was trained on another base, {twin}, whose weights "
+                                         "differ"):
+        train(second, tmp_path / "stage2", progress=False)
+    assert not (tmp_path / "stage2").exists()

@@ -10,7 +10,6 @@ both the merge and its verification compute from.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +19,11 @@ import torch
 
 from ..errors import InputError
 from ..io.checkpoint import Checkpoint, resolve_model_path
-from ..io.fingerprint import check_recorded_base, fingerprint
+from ..io.fingerprint import check_adapter_base
 from .combine import LINEAR_METHODS, combine
 from .lora import CONFIG_NAME, LoraAdapter, LoraModule
 
 RECORD_KEY = "adapter_merge"  # the key of an adapter merge's record in its medmerge.yml
-_CONFIG_IGNORE = ("_name_or_path", "torch_dtype", "dtype", "transformers_version", "use_cache", "architectures")
 
 
 def parse_adapter_arg(text: str) -> tuple[str, float]:
@@ -145,49 +143,16 @@ def open_inputs(base: str | Path, adapters: Sequence[tuple[str | Path, float]], 
 def check_same_base(base_path: Path, adapters: Sequence[LoraAdapter]) -> list[str]:
     """Raise when an adapter was trained on another base; return notes on what could be checked.
 
-    First choice: the base fingerprint `medmerge train` recorded (sha256 over the
-    base's weights and configs), compared with this base's. Otherwise the
-    adapter's `base_model_name_or_path`: when it is a local folder, its
-    config.json must match this base's (architecture fields).
+    The check is `io.fingerprint.check_adapter_base` (shared with `medmerge eval --peft`): the base
+    fingerprint `medmerge train` recorded, else the adapter's `base_model_name_or_path`.
     """
     notes = []
-    recorded = {str(a.path): a.recorded_base_fingerprint for a in adapters}
-    have = {p: f for p, f in recorded.items() if f}
-    mine = None
-    for p, f in have.items():
-        mine = check_recorded_base(base_path, f, trained=f"adapter {p}",
-                                   fix="pass the base it was trained on (--no-base-check skips this check)")
-    base_config = _arch_config(base_path / "config.json")
     for a in adapters:
-        if str(a.path) in have:
-            continue
-        name = a.base_name
-        folder = Path(name).expanduser() if name else None
-        if folder is not None and (folder / "config.json").is_file():
-            if _arch_config(folder / "config.json") != base_config:
-                raise InputError(f"adapter {a.path} was trained on another base, {folder}, whose config.json differs from "
-                                 f"{base_path}'s; pass the base it was trained on (--no-base-check skips this check)")
-            if folder.resolve() != base_path.resolve():
-                # another local folder with the same architecture: same weights?
-                if fingerprint(folder) != (mine := mine or fingerprint(base_path)):
-                    raise InputError(f"adapter {a.path} was trained on another base, {folder}, whose weights differ from "
-                                     f"{base_path}'s (same architecture, other fingerprint); pass the base it was "
-                                     "trained on (--no-base-check skips this check)")
-                notes.append(f"adapter {a.path}: trained on {folder}, which holds the same weights as {base_path}")
-            else:
-                notes.append(f"adapter {a.path}: no recorded base fingerprint; trained on this base folder")
-        else:
-            notes.append(f"adapter {a.path}: no recorded base fingerprint and its base {name!r} is not a local "
-                         "folder; only module names and shapes were checked")
+        note = check_adapter_base(base_path, a.path, recorded=a.recorded_base_fingerprint, base_name=a.base_name,
+                                  fix="pass the base it was trained on (--no-base-check skips this check)")
+        if note:
+            notes.append(note)
     return notes
-
-
-def _arch_config(file: Path) -> dict:
-    try:
-        cfg = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return {k: v for k, v in cfg.items() if k not in _CONFIG_IGNORE}
 
 
 def module_name(target: str) -> str:

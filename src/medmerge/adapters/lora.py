@@ -28,6 +28,7 @@ import torch
 
 from ..errors import InputError
 from ..io.checkpoint import DTYPE_NAMES, SAFETENSORS_DTYPES, TensorRecord, scan_safetensors
+from ..io.fingerprint import recorded_base_fingerprint
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -201,13 +202,7 @@ class LoraAdapter:
     @property
     def recorded_base_fingerprint(self) -> Optional[str]:
         """The base fingerprint `medmerge train` recorded next to the adapter, if any."""
-        record = self.path / "medmerge_train.json"
-        if not record.is_file():
-            return None
-        try:
-            return json.loads(record.read_text())["base"]["fingerprint"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return None
+        return recorded_base_fingerprint(self.path)
 
 
 def _dtype_code(dtype: torch.dtype) -> str:

@@ -90,7 +90,8 @@ def merge_adapters(
     """Merge LoRA adapters into OUT; return the record written to OUT/medmerge.yml."""
     check_method(method, density, rank, as_)
     out = Path(out).absolute()
-    check_output(out, force)
+    sources = [base, *(path for path, _ in adapters)]
+    check_output(out, force, sources)  # never is, holds or lies inside the base or an adapter
     out_dtype = None
     if dtype is not None:
         out_dtype = getattr(torch, dtype, None)
@@ -104,7 +105,7 @@ def merge_adapters(
     else:
         method_used = method
     try:
-        with atomic_output_dir(out, force=force) as tmp:
+        with atomic_output_dir(out, force=force, inputs=sources) as tmp:
             record = _record(inputs, method_used, as_, density, rank, seed, out_dtype)
             record[RECORD_KEY]["allow_missing"] = allow_missing
             checksums = None

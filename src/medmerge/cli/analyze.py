@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from ..experiments.analysis import DEFAULT_SETTINGS, decoding_grid, decoding_table, reasoning_leakage
-from ..experiments.plots import loss_curves
+from ..errors import InputError
+from ..experiments.analysis import (
+    DEFAULT_SETTINGS, check_leakage_json, decoding_grid, decoding_table, loss_plot, reasoning_leakage,
+    write_leakage_json,
+)
 from .app import analyze_app
 from .common import command, console, labelled, stdout
+
+
+def _labelled(runs: list[str]) -> dict[str, str]:
+    """`labelled`, refusing two runs with one label (the second would silently replace the first)."""
+    labels = [r.split("=", 1)[0] if "=" in r else Path(r).name for r in runs]
+    for label in dict.fromkeys(labels):
+        same = [r for r, lab in zip(runs, labels) if lab == label]
+        if len(same) > 1:
+            raise InputError(f"{', '.join(same)} all get the label {label!r}; give each run its own, as LABEL=PATH")
+    return labelled(runs)
 
 
 @command(analyze_app, "decoding")
@@ -45,10 +57,13 @@ def analyze_decoding_cmd(
 def analyze_leakage_cmd(
     runs: list[str] = typer.Argument(..., help="eval folders written with --log-samples, as DIR or LABEL=DIR"),
     pattern: str = typer.Option(r"<think>.*?</think>", "--reasoning-pattern", help="regex of a reasoning span"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the counts here"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the counts here (a .json file)"),
+    force: bool = typer.Option(False, "--force", help="replace an earlier leakage report at --json"),
 ) -> None:
     """Share of generated outputs that contain a reasoning span, per run and task."""
-    report = reasoning_leakage(labelled(runs), pattern)
+    if json_out:
+        check_leakage_json(json_out, force)  # before counting: a bad path fails at once
+    report = reasoning_leakage(_labelled(runs), pattern)
     table = Table(title=f"reasoning leakage ({pattern})")
     for col in ("run", "outputs", "with a reasoning span", "rate"):
         table.add_column(col)
@@ -56,16 +71,17 @@ def analyze_leakage_cmd(
         table.add_row(label, str(r["outputs"]), str(r["matches"]), f"{r['rate']:.3f}")
     stdout.print(table)
     if json_out:
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
+        write_leakage_json(report, json_out, force=force)
 
 
 @command(analyze_app, "loss")
 def analyze_loss_cmd(
     runs: list[str] = typer.Argument(..., help="training output folders or train_log.jsonl files, as PATH or "
                                      "LABEL=PATH"),
-    out: Path = typer.Option(..., "--out", help="PNG to write"),
+    out: Path = typer.Option(..., "--out", help="plot to write: a .png (or .pdf, .svg) file in an existing folder"),
     title: str = typer.Option("training loss", "--title"),
+    force: bool = typer.Option(False, "--force", help="replace an earlier plot at --out"),
 ) -> None:
     """One plot with the training (and eval) loss of several `medmerge train` runs."""
-    loss_curves(labelled(runs), out, title)
+    loss_plot(_labelled(runs), out, title, force=force)
     console.print(f"wrote {out}")

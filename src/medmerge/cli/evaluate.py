@@ -36,6 +36,8 @@ def eval_cmd(
     log_samples: bool = typer.Option(False, "--log-samples", help="write OUT/samples/<task>.jsonl"),
     force: bool = typer.Option(False, "--force", help="replace OUT if it exists and is not empty"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="load .bin pickle weights (only if you trust them)"),
+    no_base_check: bool = typer.Option(False, "--no-base-check", help="skip the check that --peft was trained on MODEL "
+                                       "(recorded fingerprint, else the adapter's base_model_name_or_path)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show lm-eval's log"),
 ) -> None:
     """Evaluate MODEL (optionally with --peft) on --tasks, offline; write OUT/results.json."""
@@ -46,7 +48,7 @@ def eval_cmd(
         batch_size=int(batch_size) if batch_size.isdigit() else batch_size,
         device=device, dtype=dtype, seed=seed, gen_kwargs=gen_kwargs, chat_template=chat_template,
         system_prompt=system_prompt, log_samples=log_samples, force=force, allow_pickle=allow_pickle,
-        verbose=verbose,
+        verbose=verbose, base_check=not no_base_check,
     )
     table = Table(title=f"{model}{' + ' + str(peft) if peft else ''}")
     for col in ("task", "metric", "value", "stderr"):
@@ -68,7 +70,7 @@ def compare_cmd(
     results: list[Path] = typer.Argument(..., help="results.json files or eval output folders"),
     reference: list[str] = typer.Option([], "--reference", help="NAME=RESULTS for the parents: instruct=DIR and clinical=DIR"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for comparison.md, comparison.json and tradeoff.png"),
-    if_metric: str = typer.Option("mm_ifeval/mean", "--if-metric", help="instruction-following score: TASK/METRIC (mean: the task's metrics' mean)"),
+    if_metric: Optional[str] = typer.Option(None, "--if-metric", help="instruction-following score: TASK/METRIC (mean: the task's metrics' mean; default mm_ifeval/mean)"),
     clinical_metric: list[str] = typer.Option([], "--clinical-metric", help="clinical score part TASK/METRIC (repeatable; default: every task's composite or acc)"),
     force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
 ) -> None:

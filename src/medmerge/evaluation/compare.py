@@ -40,10 +40,59 @@ def load_results(path: str | Path) -> tuple[str, dict]:
     file = path / "results.json" if path.is_dir() else path
     if not file.is_file():
         raise InputError(f"{file} does not exist; pass a results.json or a folder written by `medmerge eval`")
-    results = read_json(file, dict, "a medmerge results file (a JSON object)")
+    try:
+        results = read_json(file, dict, "a medmerge results file (a JSON object)")
+    except UnicodeDecodeError:
+        raise InputError(f"{file} is not a text file (a model file?); pass a results.json or a folder written by "
+                         "`medmerge eval`") from None
     if results.get("schema") != SCHEMA or "tasks" not in results:
-        raise InputError(f"{file} is not a medmerge results file (schema {SCHEMA}); write it with `medmerge eval`")
+        hint = " (it looks like lm-eval's own output: evaluate with `medmerge eval` for medmerge's schema)" \
+            if "results" in results and "configs" in results else ""
+        raise InputError(f"{file} is not a medmerge results file (schema {SCHEMA}){hint}; write it with "
+                         "`medmerge eval`")
+    check_results(file, results)
     return file.parent.name, results
+
+
+def check_results(file: Path, results: dict) -> None:
+    """The parts of a results file that compare reads: {task: {metric: number or null}}, {task: {metric: reason}}."""
+    tasks = results["tasks"]
+    if not isinstance(tasks, dict) or not all(isinstance(row, dict) for row in tasks.values()):
+        raise InputError(f"{file}: 'tasks' must map each task to its metrics ({{task: {{metric: value}}}}); "
+                         "the file was not written by `medmerge eval`, or was edited")
+    for task, row in tasks.items():
+        for metric, value in row.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise InputError(f"{file}: tasks.{task}.{metric} is {value!r}, not a number (or null); the file was "
+                                 "not written by `medmerge eval`, or was edited")
+    unavailable = results.get("unavailable", {})
+    if not isinstance(unavailable, dict) or not all(isinstance(row, dict) for row in unavailable.values()):
+        raise InputError(f"{file}: 'unavailable' must map each task to {{metric: reason}}")
+
+
+def has_metric(results: dict, spec: str) -> bool:
+    """Whether the results hold TASK/METRIC (TASK/mean: the task)."""
+    task, metric = spec.split("/", 1)
+    row = results["tasks"].get(task)
+    return row is not None and (metric == "mean" or metric in row)
+
+
+def check_metric(spec: str, flag: str, entries: Sequence[tuple[str, str, dict]], notes: list[str], *,
+                 required: bool = True) -> None:
+    """An unknown metric is an error listing the metrics found; one some inputs lack is a note naming them."""
+    if "/" not in spec:
+        raise InputError(f"{flag} {spec!r}: use TASK/METRIC, e.g. mm_ifeval/prompt_level_strict_acc")
+    lacking = [name for name, _, res in entries if not has_metric(res, spec)]
+    if len(lacking) == len(entries):
+        if not required:
+            notes.append(f"no input has {spec}: its score is undefined (choose one with {flag} TASK/METRIC)")
+            return
+        found = sorted({f"{t}/{m}" for _, _, res in entries for t, row in res["tasks"].items() for m in row}
+                       | {f"{t}/mean" for _, _, res in entries for t in res["tasks"]})
+        shown = ", ".join(found[:60]) + (f", ... ({len(found)} in all)" if len(found) > 60 else "")
+        raise InputError(f"{flag} {spec}: no input has it; metrics found: {shown or 'none'}")
+    if lacking:
+        notes.append(f"{spec} is missing from {', '.join(lacking)}: their score using it is undefined")
 
 
 def on_scale(metric: str, value: Optional[float]) -> Optional[float]:
@@ -123,12 +172,14 @@ def compare(
     references: dict[str, str | Path],
     *,
     out: Optional[str | Path] = None,
-    if_metric: str = IF_DEFAULT,
+    if_metric: Optional[str] = None,
     clinical_metrics: Sequence[str] = (),
     force: bool = False,
 ) -> dict:
-    if out is not None:
-        check_output(Path(out).absolute(), force)
+    """The comparison report (and OUT/comparison.{md,json}, tradeoff.png). `if_metric` None: IF_DEFAULT, a note
+    (not an error) when no input has it; a metric named explicitly that no input has is an error."""
+    if out is not None:  # replaced with --force: it must not be, hold or lie inside a results file it reads
+        check_output(Path(out).absolute(), force, [*results, *references.values()])
     entries: list[tuple[str, str, dict]] = []  # (name, path, results)
     seen: dict[str, str] = {}
     for name, path in references.items():
@@ -146,9 +197,13 @@ def compare(
     if not entries:
         raise MedmergeError("nothing to compare: pass results.json files or eval folders")
     all_res = [e[2] for e in entries]
+    notes: list[str] = []
+    check_metric(if_metric or IF_DEFAULT, "--if-metric", entries, notes, required=if_metric is not None)
+    if_metric = if_metric or IF_DEFAULT
+    for spec in clinical_metrics:
+        check_metric(spec, "--clinical-metric", entries, notes)
     if_task = if_metric.split("/", 1)[0]
     parts = list(clinical_metrics) or default_clinical_parts(all_res, if_task)
-    notes = []
     if not parts:
         notes.append("no clinical task is shared by all inputs: the clinical score is undefined")
 

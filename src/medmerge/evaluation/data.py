@@ -87,6 +87,38 @@ def locate(key: str, data_dir: Optional[str | Path] = None, override: Optional[s
     raise DataError(f"{src.task} needs {looked}, which does not exist; put a copy there (public copy: {src.public})")
 
 
+def row_locations(path: Path) -> list[str]:
+    """Where each record of a data file starts, as read_table counts records ("line N"; "item N" in a JSON list)."""
+    suffix = path.suffix.lower()
+    with open(path, encoding="utf-8", newline="") as f:
+        if suffix in (".csv", ".tsv"):
+            reader = csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            out, end, header = [], 0, True
+            for row in reader:
+                start, end = end + 1, reader.line_num
+                if not row:  # csv.DictReader skips blank rows
+                    continue
+                if header:
+                    header = False
+                    continue
+                out.append(f"line {start}")
+            return out
+        if suffix in (".jsonl", ".ndjson"):
+            return [f"line {n}" for n, line in enumerate(f, start=1) if line.strip()]
+    return [f"item {i + 1}" for i in range(len(read_table(path)))]
+
+
+def require_references(rows: list[dict], column: str, path: Path) -> None:
+    """A generation's reference must not be empty: scored against an empty reference, any output counts as 0."""
+    empty = [i for i, r in enumerate(rows) if not str(r[column]).strip()]
+    if empty:
+        where = row_locations(path)
+        at = [where[i] if i < len(where) else f"record {i + 1}" for i in empty]
+        raise DataError(f"{path}, {at[0]}: the reference {column!r} is empty ({len(empty)} of {len(rows)} rows: "
+                        f"{', '.join(at[:5])}{', ...' if len(at) > 5 else ''}); a generation scored against an empty "
+                        "reference counts as 0: fill it in or drop the row (the public copy has none)")
+
+
 # --- one loader per shipped data set: each returns a list of documents -----------------------
 
 
@@ -95,6 +127,11 @@ def load_ifeval(data_dir=None, file: Optional[str] = None) -> list[dict]:
     rows = read_jsonl(path)
     require_columns(rows, ("key", "prompt", "instruction_id_list", "kwargs"), path)
     for i, row in enumerate(rows):
+        ids, kwargs = row["instruction_id_list"], row["kwargs"]
+        if not isinstance(ids, list) or not all(isinstance(x, str) for x in ids):
+            raise DataError(f"{path}, line {i + 1}: instruction_id_list must be a list of instruction ids")
+        if not isinstance(kwargs, list) or not all(isinstance(x, dict) for x in kwargs):
+            raise DataError(f"{path}, line {i + 1}: kwargs must be a list of objects, one per instruction")
         if len(row["kwargs"]) != len(row["instruction_id_list"]):
             raise DataError(f"{path}, line {i + 1}: kwargs and instruction_id_list differ in length")
     return rows
@@ -115,6 +152,7 @@ def load_mts_dialog(data_dir=None, file: Optional[str] = None) -> list[dict]:
     path = locate("mts_dialog", data_dir, file)
     rows = read_table(path)
     require_columns(rows, ("ID", "section_header", "section_text", "dialogue"), path)
+    require_references(rows, "section_text", path)
     for row in rows:
         row["section_name"] = MTS_SECTIONS.get(row["section_header"].upper(), row["section_header"].lower())
     return rows
@@ -124,6 +162,7 @@ def load_meqsum(data_dir=None, file: Optional[str] = None) -> list[dict]:
     path = locate("meqsum", data_dir, file)
     rows = read_jsonl(path)
     require_columns(rows, ("chq", "summary"), path)
+    require_references(rows, "summary", path)
     return rows
 
 
@@ -137,9 +176,15 @@ def load_pubmedqa(data_dir=None, file: Optional[str] = None) -> list[dict]:
         if pmid not in items:
             raise DataError(f"{ids_path}: test id {pmid} is not in {path}; use the two files of the same PubMedQA release")
         item = items[pmid]
+        if not isinstance(item, dict):
+            raise DataError(f"{path}, item {pmid}: expected an object with QUESTION, CONTEXTS and final_decision")
         missing = [k for k in ("QUESTION", "CONTEXTS", "final_decision") if k not in item]
         if missing:
             raise DataError(f"{path}, item {pmid}: missing {', '.join(missing)}")
+        if not isinstance(item["CONTEXTS"], list) or not all(isinstance(c, str) for c in item["CONTEXTS"]):
+            raise DataError(f"{path}, item {pmid}: CONTEXTS must be a list of abstract passages")
+        if label not in ("yes", "no", "maybe"):
+            raise DataError(f"{ids_path}: the answer of {pmid} is {label!r}, not yes, no or maybe")
         docs.append({
             "pmid": pmid, "QUESTION": item["QUESTION"], "CONTEXTS": list(item["CONTEXTS"]),
             "final_decision": label, "LONG_ANSWER": item.get("LONG_ANSWER", ""),
@@ -155,7 +200,7 @@ def _load_abcd(key: str, data_dir, file: Optional[str]) -> list[dict]:
         options = row["options"]
         if not isinstance(options, dict) or any(k not in options for k in "ABCD"):
             raise DataError(f"{path}, line {i + 1}: 'options' must map A, B, C and D to option texts")
-        if row["answer_idx"] not in "ABCD" or len(row["answer_idx"]) != 1:
+        if not isinstance(row["answer_idx"], str) or row["answer_idx"] not in "ABCD" or len(row["answer_idx"]) != 1:
             raise DataError(f"{path}, line {i + 1}: answer_idx must be one of A, B, C, D, not {row['answer_idx']!r}")
         row["options"] = {k: options[k] for k in "ABCD"}  # extra options (E) are dropped: the tasks are 4-way
         row["label"] = "ABCD".index(row["answer_idx"])

@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import MedmergeError
+from ..errors import InputError, MedmergeError
 
 PUNKT_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
 WORDNET_FILES = (
@@ -174,12 +174,37 @@ def install_wordnet(root: Path, source: Path | None = None) -> Availability:
     return wordnet_status(root)
 
 
+def check_wordnet_source(source: Path) -> Path:
+    """A --wordnet-dir must be a folder with all of WordNet 3.0's dict files; say which are missing."""
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise InputError(f"--wordnet-dir {source} does not exist; pass a folder with WordNet 3.0's dict files "
+                         "(data.noun, index.noun, ...; Debian's wordnet-base installs them in /usr/share/wordnet)")
+    if not source.is_dir():
+        raise InputError(f"--wordnet-dir {source} is a file, not a folder; pass the folder that holds WordNet 3.0's "
+                         "dict files (data.noun, index.noun, ...)")
+    missing = [f for f in WORDNET_FILES if not (source / f).is_file()]
+    if len(missing) == len(WORDNET_FILES):
+        raise InputError(f"--wordnet-dir {source} holds none of WordNet 3.0's dict files ({', '.join(WORDNET_FILES)}); "
+                         "pass the folder that holds them (e.g. /usr/share/wordnet from Debian's wordnet-base)")
+    if missing:
+        raise InputError(f"--wordnet-dir {source} lacks WordNet 3.0's {', '.join(missing)}; index.sense and "
+                         "cntlist.rev come from Debian's wordnet-sense-index, the others from wordnet-base")
+    return source
+
+
 def setup(root: Path | None = None, wordnet_source: Path | None = None) -> dict:
-    """Install punkt_tab and WordNet into `root` (default: data_dir()); return what is available."""
+    """Install punkt_tab and WordNet into `root` (default: data_dir()); return what is available.
+
+    A `wordnet_source` (`--wordnet-dir`) is checked before anything is written and then installed,
+    replacing an installed WordNet; without one, WordNet is installed only when it is missing.
+    """
+    if wordnet_source is not None:
+        wordnet_source = check_wordnet_source(wordnet_source)
     root = root or data_dir()
     install_punkt_tab(root)
     wn = wordnet_status(root)
-    if not wn.available:
+    if not wn.available or wordnet_source is not None:
         wn = install_wordnet(root, wordnet_source)
     return {"nltk_data": str(root), "punkt_tab": punkt_available(root), "wordnet": wn.available, "wordnet_reason": wn.reason}
 

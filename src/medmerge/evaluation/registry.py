@@ -14,9 +14,9 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from ..errors import MedmergeError
+from ..errors import InputError, MedmergeError
 from . import data
-from .taskfile import TaskFile, load_task_file
+from .taskfile import TaskFile, load_task_file, yaml_problem
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 
@@ -26,7 +26,24 @@ def _read_task_yaml(path: Path) -> dict:
         pass
 
     Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
-    return yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
+    except UnicodeDecodeError:
+        raise InputError(f"task YAML {path}: not UTF-8 text; an include path must hold lm-eval task YAML files") from None
+    except yaml.YAMLError as e:
+        raise InputError(f"task YAML {path}{yaml_problem(e)}; fix it or remove it from the include path") from None
+
+
+def _include_folder(folder: str | Path) -> Path:
+    """An --include-path: an existing folder holding at least one .yaml file."""
+    path = Path(folder).expanduser()
+    if not path.exists():
+        raise InputError(f"--include-path {path} does not exist; pass a folder of lm-eval task YAML files")
+    if not path.is_dir():
+        raise InputError(f"--include-path {path} is a file; pass the folder that holds the lm-eval task YAML files")
+    if next(path.rglob("*.yaml"), None) is None:
+        raise InputError(f"--include-path {path} holds no .yaml task files; pass the folder of lm-eval task YAMLs")
+    return path
 
 
 def shipped_tasks(include_paths: Sequence[str | Path] = ()) -> dict[str, Path]:
@@ -40,9 +57,7 @@ def shipped_tasks(include_paths: Sequence[str | Path] = ()) -> dict[str, Path]:
         spec = _read_task_yaml(path)
         found[spec.get("group") or spec["task"]] = path
     for folder in include_paths:
-        folder = Path(folder).expanduser()
-        if not folder.is_dir():
-            raise MedmergeError(f"--include-path {folder} is not a folder of lm-eval task YAML files")
+        folder = _include_folder(folder)
         for path in sorted(folder.rglob("*.yaml")):
             spec = _read_task_yaml(path)
             name = spec.get("group") or spec.get("task") if isinstance(spec, dict) else None
@@ -52,8 +67,22 @@ def shipped_tasks(include_paths: Sequence[str | Path] = ()) -> dict[str, Path]:
 
 
 def group_members(name: str, include_paths: Sequence[str | Path] = ()) -> list[str]:
-    spec = _read_task_yaml(shipped_tasks(include_paths)[name])
-    return list(spec["task"]) if "group" in spec else [name]
+    """A group's task names (entries may be names or inline task configs), or [name] for a task."""
+    path = shipped_tasks(include_paths)[name]
+    spec = _read_task_yaml(path)
+    if "group" not in spec:
+        return [name]
+    entries = spec.get("task")
+    if isinstance(entries, str):
+        entries = [entries]
+    if not isinstance(entries, list):
+        raise InputError(f"task YAML {path}: group {name!r} must list its tasks under 'task', not {entries!r}")
+    members = [e if isinstance(e, str) else e.get("task") if isinstance(e, dict) else None for e in entries]
+    bad = [e for e, m in zip(entries, members) if not isinstance(m, str)]
+    if bad:
+        raise InputError(f"task YAML {path}: group {name!r} lists {bad[0]!r}, which names no task; list task names "
+                         "(or task configs with a 'task' key)")
+    return members
 
 
 def task_table(include_paths: Sequence[str | Path] = ()) -> list[tuple[str, str, str, str]]:
@@ -108,6 +137,9 @@ def plan_tasks(tasks: Sequence[str], task_files: Sequence[str | Path], data_dir:
         task = load_task_file(tf)
         if task.name in shipped:
             raise MedmergeError(f"task file {tf}: name {task.name!r} is a shipped task; choose another name")
+        if task.name in plan.task_files:  # the second would silently replace the first
+            raise InputError(f"task files {plan.task_files[task.name].source} and {task.source} both name their task "
+                             f"{task.name!r}; give each task file its own name")
         plan.task_files[task.name] = task
     requested = list(dict.fromkeys([t.strip() for t in tasks if t.strip()] + list(plan.task_files)))
     if not requested:

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+from ..io.paths import safe_name, under
 from ..io.writer import atomic_output_dir
 from . import hooks, metrics
 
@@ -104,6 +105,7 @@ def write_results(out: Path, results: dict, samples: Optional[dict], force: bool
         if samples is not None:
             (tmp / "samples").mkdir()
             for task, rows in samples.items():
-                with open(tmp / "samples" / f"{task}.jsonl", "w", encoding="utf-8") as f:
+                with open(under(tmp / "samples", f"{safe_name(task, 'task name')}.jsonl", what="task samples"), "w",
+                          encoding="utf-8") as f:
                     for record in sample_records(rows):
                         f.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import time
@@ -20,8 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..errors import MedmergeError
-from ..io.fingerprint import files_sha256, model_files
+from ..errors import InputError, MedmergeError
+from ..io.fingerprint import check_adapter_base, fingerprint
 from ..io.folders import check_adapter, check_model
 from ..io.writer import check_output
 from ..runtime import library_versions, resolve_device
@@ -31,6 +32,18 @@ from .results import SCHEMA, convert_results, jsonable, unavailable_metrics, wri
 
 RECORDED_LIBRARIES = ("lm_eval", "torch", "transformers", "peft", "datasets", "rouge_score", "sacrebleu", "nltk")
 QUIET_LOGGERS = ("lm_eval", "lm-eval", "datasets", "transformers")
+# a tokenizer's vocabulary, in one of the forms transformers loads without remote code
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                         "sentencepiece.bpe.model")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float", "float64")  # lm-eval: getattr(torch, dtype)
+SEQ_LEN_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")  # lm-eval's resolve_max_length, in its order
+# generation settings checked before loading (else they fail inside transformers' generate, mid-run):
+# (smallest value, whether it may equal it, largest value or None), integers and numbers
+GEN_INTS = {"max_gen_toks": 1, "min_new_tokens": 0, "top_k": 0, "num_beams": 1, "no_repeat_ngram_size": 0,
+            "num_return_sequences": 1}
+GEN_NUMBERS = {"temperature": (0.0, True, None), "top_p": (0.0, False, 1.0), "typical_p": (0.0, False, 1.0),
+               "min_p": (0.0, True, 1.0), "repetition_penalty": (0.0, False, None), "length_penalty": (None, True, None)}
+GEN_BOOLS = ("do_sample", "early_stopping")
 
 
 def parse_gen_kwargs(text: Optional[str]) -> dict[str, Any]:
@@ -79,32 +92,132 @@ class EvalRequest:
     chat_template: str = "auto"
     system_prompt: Optional[str] = None
     log_samples: bool = False
+    base_check: Optional[str] = None  # what the adapter's same-base check found (or that it was skipped)
+
+
+def check_gen_kwargs(gen: dict) -> None:
+    """Each --gen-kwargs setting has a sound value and is one transformers' generate knows (lm-eval's `until` too)."""
+    for key, value in gen.items():
+        shown = "max_new_tokens" if key == "max_gen_toks" else key
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key in GEN_INTS:
+            if not isinstance(value, int) or isinstance(value, bool) or value < GEN_INTS[key]:
+                raise MedmergeError(f"--gen-kwargs {shown}={value!r}: use an integer >= {GEN_INTS[key]}")
+        elif key in GEN_NUMBERS:
+            low, inclusive, high = GEN_NUMBERS[key]
+            ok = number and (low is None or value > low or (inclusive and value == low)) \
+                and (high is None or value <= high)
+            if not ok:
+                span = f" {'>=' if inclusive else '>'} {low}" if low is not None else ""
+                raise MedmergeError(f"--gen-kwargs {shown}={value!r}: use a number{span}"
+                                    f"{f' and <= {high}' if high is not None else ''}")
+        elif key in GEN_BOOLS:
+            if not isinstance(value, bool):
+                raise MedmergeError(f"--gen-kwargs {shown}={value!r}: use true or false")
+        elif key == "until":
+            if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+                raise MedmergeError(f"--gen-kwargs until={value!r}: use a stop string")
+        elif key not in generation_keys():
+            raise MedmergeError(f"--gen-kwargs {shown}: not a generation setting transformers knows; use e.g. "
+                                "temperature, top_p, top_k, do_sample, repetition_penalty, max_new_tokens")
+
+
+def generation_keys() -> set[str]:
+    """Every setting of transformers' GenerationConfig (imported only when a less common setting is given)."""
+    from transformers import GenerationConfig  # deferred: transformers takes seconds to import
+
+    return set(GenerationConfig().to_dict())
+
+
+def check_tokenizer(path: Path) -> None:
+    """lm-eval loads the tokenizer from the model folder: fail now, naming what is missing, not inside transformers."""
+    if any((path / f).is_file() for f in TOKENIZER_VOCAB_FILES) or any(path.glob("*.tiktoken")):
+        return
+    found = sorted(p.name for p in path.iterdir())
+    raise InputError(
+        f"model folder {path} has no tokenizer (none of {', '.join(TOKENIZER_VOCAB_FILES)}; found: "
+        f"{', '.join(found[:12])}{', ...' if len(found) > 12 else ''}); evaluating needs one: copy the tokenizer files "
+        "(tokenizer.json or tokenizer.model, tokenizer_config.json, special_tokens_map.json) of the model it was "
+        f"trained or merged from into {path}")
+
+
+def check_batch_size(batch_size) -> None:
+    text = str(batch_size)
+    ok = (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1) or text == "auto" \
+        or (text.startswith("auto:") and text[5:].isdigit() and int(text[5:]) >= 1)
+    if not ok:
+        raise MedmergeError(f"--batch-size {batch_size!r}: use a positive integer, auto or auto:N (N tries)")
+
+
+def max_sequence_length(model_path: Path) -> Optional[tuple[int, str]]:
+    """(length, config key) of the model's context as lm-eval reads it from config.json; None if it names none."""
+    try:
+        config = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    for where in (config.get("text_config"), config):
+        if isinstance(where, dict):
+            for key in SEQ_LEN_KEYS:
+                if isinstance(where.get(key), int) and where[key] > 0:
+                    return where[key], key
+    return None
+
+
+def check_generation_length(model_path: Path, plan: TaskPlan, gen: dict) -> None:
+    """Tokens to generate must leave room for the prompt in the model's context (lm-eval asserts it mid-run)."""
+    found = max_sequence_length(model_path)
+    if found is None:
+        return
+    length, key = found
+    asked = [("--gen-kwargs max_new_tokens", gen["max_gen_toks"])] if isinstance(gen.get("max_gen_toks"), int) else \
+        [(f"task file {t.source}: max_new_tokens", t.max_new_tokens) for t in plan.task_files.values()]
+    for what, n in asked:
+        if n >= length:
+            raise InputError(f"{what} is {n}, but the model {model_path} holds at most {length} tokens ({key} in its "
+                             "config.json), prompt included; use a smaller max_new_tokens")
 
 
 def check_request(model, tasks: Sequence[str], out: Optional[str | Path], *, peft=None, task_files=(),
                   include_paths=(), data_dir=None, limit=None, samples=None, batch_size=1, device="auto",
                   dtype="auto", seed=1234, gen_kwargs=None, chat_template="auto", system_prompt=None,
-                  log_samples=False, force=False, allow_pickle=False, plan=None) -> EvalRequest:
-    """Everything that can be wrong with an evaluation, found before a model is loaded."""
+                  log_samples=False, force=False, allow_pickle=False, plan=None, base_check=True) -> EvalRequest:
+    """Everything that can be wrong with an evaluation, found before a model is loaded.
+
+    `base_check` (`--no-base-check` turns it off) refuses an adapter trained on another base than
+    MODEL, as `medmerge adapters merge` does (`io.fingerprint.check_adapter_base`).
+    """
     if chat_template not in ("auto", "none"):
         raise MedmergeError(f"--chat-template must be auto or none, not {chat_template!r}")
+    check_batch_size(batch_size)
+    if dtype not in DTYPES:
+        raise MedmergeError(f"--dtype {dtype!r}: use auto, float32, bfloat16 or float16")
     device = resolve_device(device)
-    if out is not None:
-        check_output(Path(out).absolute(), force)
     gen = parse_gen_kwargs(gen_kwargs) if isinstance(gen_kwargs, (str, type(None))) else dict(gen_kwargs)
     if "max_new_tokens" in gen:
         gen["max_gen_toks"] = gen.pop("max_new_tokens")
+    check_gen_kwargs(gen)
     loaded = not isinstance(model, (str, Path))
     model_path = None if loaded else check_model(model, allow_pickle)
-    adapter_path = None
+    if model_path is not None:
+        check_tokenizer(model_path)
+    adapter_path = base_note = None
     if peft is not None:
         if loaded:
             raise MedmergeError("--peft needs a model folder, not a loaded model: load the adapter onto the model first")
         adapter_path = check_adapter(peft, model_path, allow_pickle)
+        if base_check:
+            base_note = check_adapter_base(model_path, adapter_path) or \
+                f"adapter {adapter_path}: its recorded base fingerprint matches {model_path}"
+        else:
+            base_note = "skipped (--no-base-check)"
     data_root = Path(data_dir).expanduser() if data_dir else (Path(os.environ["MEDMERGE_DATA"]) if os.environ.get("MEDMERGE_DATA") else None)
+    if out is not None:  # OUT is replaced with --force: it must not be, hold or lie inside anything read here
+        check_output(Path(out).absolute(), force, [model_path, adapter_path, data_root, *task_files, *include_paths])
     nltk_data.activate()
     if plan is None:
         plan = plan_tasks(tasks, task_files, data_root, include_paths)
+    if model_path is not None:
+        check_generation_length(model_path, plan, gen)
     if samples is not None and limit is not None:
         raise MedmergeError("pass either limit or samples (chosen documents per task), not both")
     if limit is not None and limit <= 0:
@@ -112,7 +225,7 @@ def check_request(model, tasks: Sequence[str], out: Optional[str | Path], *, pef
     return EvalRequest(model_path=model_path, adapter_path=adapter_path, plan=plan, data_root=data_root,
                        device=device, gen=gen, include_paths=list(include_paths), limit=limit, samples=samples,
                        batch_size=batch_size, dtype=dtype, seed=seed, chat_template=chat_template,
-                       system_prompt=system_prompt, log_samples=log_samples)
+                       system_prompt=system_prompt, log_samples=log_samples, base_check=base_note)
 
 
 def load_lm(model, tokenizer, req: EvalRequest):
@@ -152,6 +265,9 @@ def run_harness(lm, req: EvalRequest, apply_template: bool, *, quiet: bool = Fal
                 "offline: use the shipped mm_* tasks, a --task-file over your local copy, or put the data set in "
                 "the local Hugging Face datasets cache first"
             ) from e
+        if isinstance(e, AssertionError) and "maximum sequence length" in str(e):
+            raise MedmergeError(f"{e} Use a smaller max_new_tokens (--gen-kwargs max_new_tokens=N, or the task "
+                                "file's max_new_tokens)") from e
         raise
     finally:
         lm_eval.evaluator.get_git_commit_hash = git_hash
@@ -167,15 +283,17 @@ def results_record(raw: dict, req: EvalRequest, apply_template: bool) -> dict:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {
             "path": str(req.model_path) if req.model_path else None,
-            "sha256": files_sha256(model_files(req.model_path)) if req.model_path else None,
-            "peft": {"path": str(req.adapter_path), "sha256": files_sha256(model_files(req.adapter_path))}
-            if req.adapter_path else None,
+            "sha256": fingerprint(req.model_path) if req.model_path else None,
+            "peft": {"path": str(req.adapter_path), "sha256": fingerprint(req.adapter_path),
+                     "base_check": req.base_check} if req.adapter_path else None,
             "chat_template": apply_template,
             "system_prompt": req.system_prompt,
         },
         "tasks": converted["tasks"],
         "stderr": converted["stderr"],
         "unavailable": unavailable_metrics(raw),
+        "skipped": {name: {"reason": f"empty target {t.target!r} (skip_empty_targets: true)", "count": len(t.skipped),
+                           "rows": list(t.skipped)} for name, t in plan.task_files.items() if t.skipped},
         "samples": {t: dict(v) for t, v in raw.get("n-samples", {}).items()},
         "generation": {t: jsonable(c.get("generation_kwargs")) for t, c in configs.items()
                        if c.get("output_type") == "generate_until"},
@@ -218,6 +336,7 @@ def evaluate(
     verbose: bool = False,
     plan: Optional[TaskPlan] = None,
     quiet: bool = False,
+    base_check: bool = True,
 ) -> dict:
     """Evaluate `model` (a local folder or a loaded transformers model) on `tasks`; write OUT/results.json.
 
@@ -233,7 +352,7 @@ def evaluate(
                         data_dir=data_dir, limit=limit, samples=samples, batch_size=batch_size, device=device,
                         dtype=dtype, seed=seed, gen_kwargs=gen_kwargs, chat_template=chat_template,
                         system_prompt=system_prompt, log_samples=log_samples, force=force,
-                        allow_pickle=allow_pickle, plan=plan)
+                        allow_pickle=allow_pickle, plan=plan, base_check=base_check)
     if not verbose:
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)

@@ -16,6 +16,7 @@ config or results file), and the file is written beside and moved into place.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -85,12 +86,28 @@ def decoding_grid(model, settings: Sequence[str | dict], tasks: Sequence[str], o
     names = [s.name for s in parsed]
     if len(set(names)) != len(names):
         raise InputError(f"decoding settings repeat a name: {names}")
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    slugs: dict[str, str] = {}
+    for name in names:  # two names, one folder: the second evaluation would replace the first's
+        other = slugs.setdefault(_slug(name), name)
+        if other != name:
+            raise InputError(f"decoding settings {other!r} and {name!r} would share the folder {_slug(name)}; "
+                             "name them apart (letters, digits and _ . = -)")
+    gens = []
     for s in parsed:
         gen = s.gen_kwargs
         if max_new_tokens:
             gen["max_new_tokens"] = max_new_tokens
+        gens.append(gen)
+    # every setting checked (model, tasks, data, generation settings) before OUT is created
+    accepted = inspect.signature(runner.check_request).parameters
+    check_kw = {k: v for k, v in eval_kwargs.items() if k in accepted and k not in ("plan", "gen_kwargs")}
+    plan = eval_kwargs.get("plan")
+    for gen in gens:
+        plan = runner.check_request(model, tasks, None, gen_kwargs=gen, plan=plan, **check_kw).plan
+    eval_kwargs = {**eval_kwargs, "plan": plan}
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for s, gen in zip(parsed, gens):
         folder = under(out, _slug(s.name), what="decoding setting")
         res = runner.evaluate(model, tasks, folder, gen_kwargs=gen, log_samples=True, force=True, **eval_kwargs)
         leak = reasoning_leakage({s.name: folder}, reasoning_pattern)[s.name]
@@ -182,40 +199,46 @@ def _jsonl_rows(path: Path, what: str):
 PLOT_KINDS = {".png": (b"\x89PNG", "a PNG image"), ".pdf": (b"%PDF", "a PDF"), ".svg": (b"<?xml", "an SVG image")}
 
 
-def _is_plot(path: Path) -> bool:
-    magic, _ = PLOT_KINDS[path.suffix.lower()]
+def _not_plot(path: Path) -> Optional[str]:
+    """None when `path` is an image of the kind its suffix names; else that kind."""
+    magic, kind = PLOT_KINDS[path.suffix.lower()]
     with open(path, "rb") as f:
         head = f.read(64)
-    return head.startswith(magic) or (path.suffix.lower() == ".svg" and head.lstrip().startswith(b"<svg"))
+    ok = head.startswith(magic) or (path.suffix.lower() == ".svg" and head.lstrip().startswith(b"<svg"))
+    return None if ok else kind
 
 
-def _is_leakage_report(path: Path) -> bool:
+def _not_leakage_report(path: Path) -> Optional[str]:
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(report, dict) and all(
+        report = None
+    ok = isinstance(report, dict) and all(
         isinstance(r, dict) and {"matches", "outputs", "rate", "tasks"} <= set(r) for r in report.values())
+    return None if ok else "an earlier leakage report"
 
 
 def check_file_output(path: str | Path, force: bool, *, flag: str, suffixes: Sequence[str], kind: str,
-                      is_kind) -> Path:
+                      not_kind) -> Path:
     """A single output file: its folder exists; not a folder; an existing file replaced only with `force` and
-    only when `is_kind(path)` says it is an earlier output of this `kind` (so never a model or config file)."""
+    only when it is an earlier output of this `kind` (`not_kind(path)` is None; else it says what it should
+    be), so never a model, config or results file."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise InputError(f"{flag} {path} is a folder; pass a file name, e.g. {path / ('out' + suffixes[0])}")
     if path.suffix.lower() not in suffixes:
         names = ", ".join(suffixes[:-1]) + (" or " if len(suffixes) > 1 else "") + suffixes[-1]
-        raise InputError(f"{flag} {path}: the file name must end in {names} ({kind})")
+        raise InputError(f"{flag} {path}: the file name must end in {names}, the formats the {kind} is written in; "
+                         f"e.g. {path.with_suffix(suffixes[0]).name}")
     if not path.parent.is_dir():
         raise InputError(f"{flag} {path}: the folder {path.parent} does not exist; create it first")
     if path.exists():
         if not force:
             raise OutputExistsError(f"{flag} {path} exists; pass --force to replace it")
-        if not is_kind(path):
-            raise InputError(f"{flag} {path} exists and is not {kind}; --force replaces only an earlier {kind}, "
-                             "never another file: choose another file name")
+        expected = not_kind(path)
+        if expected:
+            raise InputError(f"{flag} {path} exists and is not {expected}; --force replaces only an earlier "
+                             f"{kind}, never another file: choose another file name")
     return path
 
 
@@ -260,8 +283,8 @@ def check_loss_log(run: str | Path) -> Path:
 def loss_plot(runs: dict[str, str | Path], out: str | Path, title: str = "training loss", *,
               force: bool = False) -> Path:
     """`plots.loss_curves` of the labelled runs into the file OUT, with the logs and OUT checked first."""
-    out = check_file_output(out, force, flag="--out", suffixes=tuple(PLOT_KINDS), kind="plot image (PNG, PDF, SVG)",
-                            is_kind=_is_plot)
+    out = check_file_output(out, force, flag="--out", suffixes=tuple(PLOT_KINDS), kind="plot",
+                            not_kind=_not_plot)
     if not runs:
         raise InputError("pass at least one training run (a folder or train_log.jsonl, as PATH or LABEL=PATH)")
     logs = {label: check_loss_log(run) for label, run in runs.items()}
@@ -277,4 +300,4 @@ def write_leakage_json(report: dict, out: str | Path, *, force: bool = False) ->
 
 def check_leakage_json(out: str | Path, force: bool) -> Path:
     return check_file_output(out, force, flag="--json", suffixes=(".json",), kind="leakage report",
-                             is_kind=_is_leakage_report)
+                             not_kind=_not_leakage_report)

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..errors import ConfigError, InputError, MedmergeError
-from ..io.fingerprint import check_recorded_base, files_sha256, fingerprint
+from ..io.fingerprint import check_adapter_base, files_sha256, fingerprint, recorded_base_fingerprint
 from ..io.folders import TOKENIZER_FILES, check_adapter, check_model
 from ..io.writer import atomic_output_dir, check_output, output_lock
 from ..runtime import library_versions, note, pyplot, resolve_device
@@ -151,15 +151,15 @@ def check_base(cfg: TrainConfig) -> Path:
 
 
 def check_previous_adapter(cfg: TrainConfig, base_fp: str) -> Optional[dict]:
-    """The first-stage adapter must belong to this base: its recorded fingerprint, else its module shapes."""
+    """The first-stage adapter must belong to this base: its recorded fingerprint, else the fingerprint of the
+    base its adapter_config.json names (when that is a local folder), and always its module shapes."""
     if cfg.after_adapter is None:
         return None
     path = check_adapter(cfg.after_adapter, cfg.model)
-    record_file = path / RECORD
-    recorded = json.loads(record_file.read_text())["base"]["fingerprint"] if record_file.is_file() else None
-    if recorded is not None:
-        check_recorded_base(cfg.model, recorded, trained=f"adapter {path}",
-                            fix="train both stages on the same base model")
+    recorded = recorded_base_fingerprint(path)
+    said = check_adapter_base(cfg.model, path, recorded=recorded, fix="train both stages on the same base model")
+    if said:
+        note(said)
     return {"path": str(path), "base_fingerprint": recorded, "merged_in": cfg.merge_after_adapter}
 
 
