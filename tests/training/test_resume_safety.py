@@ -152,3 +152,12 @@ def test_after_adapter_from_another_base_without_a_record_is_refused_by_fingerpr
                                          "differ"):
         train(second, tmp_path / "stage2", progress=False)
     assert not (tmp_path / "stage2").exists()
+
+
+def test_a_damaged_training_log_names_the_line(tmp_path):
+    from medmerge.io.records import DataError
+    from medmerge.training.trainer import read_log
+
+    (tmp_path / "train_log.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n')
+    with pytest.raises(DataError, match="train_log.jsonl, line 2: not valid JSON"):
+        read_log(tmp_path)

@@ -25,6 +25,7 @@ import torch
 from ..errors import ConfigError, InputError, MedmergeError
 from ..io.fingerprint import check_adapter_base, files_sha256, fingerprint, recorded_base_fingerprint
 from ..io.folders import TOKENIZER_FILES, check_adapter, check_model
+from ..io.records import read_jsonl
 from ..io.writer import atomic_output_dir, check_output, output_lock
 from ..runtime import library_versions, note, pyplot, resolve_device
 from .config import TrainConfig, dump_config
@@ -203,8 +204,7 @@ def read_log(path: str | Path) -> list[dict]:
         path = path / LOG
     if not path.is_file():
         raise InputError(f"{path}: no {LOG} (written by `medmerge train`)")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path)  # a damaged line is an error naming the file and the line
 
 
 def plot_loss(rows: list[dict], path: Path, title: str) -> None:
