@@ -385,3 +385,10 @@ def test_verify_json_is_not_overwritten_without_force(llama_family, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(report.read_text())["ok"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".report")] == []
+
+
+def test_a_weights_file_given_as_the_model_names_its_folder(llama_family):
+    from medmerge.io.checkpoint import resolve_model_path
+
+    with pytest.raises(InputError, match=r"is a file; pass the model folder that holds it"):
+        resolve_model_path(str(llama_family["a"] / "model.safetensors"))

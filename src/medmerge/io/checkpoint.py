@@ -136,6 +136,10 @@ def resolve_model_path(ref: str, relative_to: Optional[Path] = None) -> Path:
     for path in candidates:
         if path.is_dir():
             return path.resolve()
+    for path in candidates:
+        if path.is_file():
+            raise InputError(f"model {ref!r} is a file; pass the model folder that holds it ({path.parent}), with its "
+                             "config.json and tokenizer")
     if looks_like_hub_id(ref):
         raise InputError(
             f"model {ref!r} is not a local folder and looks like a Hugging Face hub id; medmerge works "
