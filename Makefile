@@ -17,23 +17,28 @@ $(VENV)/.runtime: requirements/lock.txt pyproject.toml
 	$(PY) -m medmerge.evaluation.nltk_data
 	touch $@
 
-# Dev set-up also needs Debian's chromium (tests/browser.py renders HTML reports headless). While it is
+# Dev set-up also needs two Debian packages: chromium (tests/browser.py renders HTML reports headless) and
+# postgresql (tests/experiments/test_sweep_startup.py starts sweep workers on a throwaway server). While one is
 # missing, .dev is always out of date, so an old checkout gets it on its next `make test` too.
 CHROMIUM := $(shell command -v chromium 2>/dev/null || { test -x /usr/bin/chromium && echo /usr/bin/chromium; })
+INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
+MISSING_DEB := $(if $(CHROMIUM),,chromium) $(if $(INITDB),,postgresql)
 FORCE:
 
-$(VENV)/.dev: $(VENV)/.runtime requirements/dev.txt $(if $(CHROMIUM),,FORCE)
+$(VENV)/.dev: $(VENV)/.runtime requirements/dev.txt $(if $(strip $(MISSING_DEB)),FORCE,)
 	$(PY) -m pip install --quiet -r requirements/dev.txt
-	@command -v chromium >/dev/null 2>&1 || test -x /usr/bin/chromium || { \
+	@if [ -n "$(strip $(MISSING_DEB))" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; else SUDO=no; fi; \
 	  if [ "$$SUDO" != no ] && command -v apt-get >/dev/null 2>&1 \
-	    && echo "Installing Debian package chromium (for the browser tests)..." \
+	    && echo "Installing Debian packages $(strip $(MISSING_DEB)) (for the browser and PostgreSQL tests)..." \
 	    && $$SUDO apt-get update -qq \
-	    && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
-	  then chromium --version 2>/dev/null || true; \
-	  else echo "WARNING: Debian package chromium is not installed and could not be installed here;" \
-	    "browser tests will be skipped. Install it as root: apt-get install -y --no-install-recommends chromium" >&2; \
-	  fi; }
+	    && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	         $(strip $(MISSING_DEB)) >/dev/null; \
+	  then echo "installed: $(strip $(MISSING_DEB))"; \
+	  else echo "WARNING: Debian packages $(strip $(MISSING_DEB)) are not installed and could not be installed" \
+	    "here; the tests that need them will be skipped. Install them as root: apt-get install -y" \
+	    "--no-install-recommends $(strip $(MISSING_DEB))" >&2; \
+	  fi; fi
 	touch $@
 
 setup: $(VENV)/.runtime

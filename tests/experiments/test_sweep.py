@@ -231,3 +231,85 @@ def test_optuna_search_with_two_workers_on_one_sqlite_study(family, tmp_path):
         assert t.values == [row["if_score"], row["clinical_score"]]
     rows = [r for k in (0, 1) for r in _rows(tmp_path / f"w{k}") if r["kind"] == "search"]
     assert len({r["trial"] for r in rows}) == 6
+
+
+# --- the whole config is checked before anything is evaluated (fast: no world, no harness) -------------------------
+
+@pytest.fixture
+def sweep_file(llama_family, tmp_path, monkeypatch):
+    """Write a sweep config over the tiny llama family with `changes`; opening the evaluator fails the test."""
+    import medmerge.experiments.sweep.run as sweep_run
+
+    def no_evaluator(*args, **kwargs):
+        raise AssertionError("the evaluator was opened (references about to be scored) before the config was checked")
+
+    monkeypatch.setattr(sweep_run, "open_evaluator", no_evaluator)
+
+    def write(**changes) -> Path:
+        cfg = {"models": {"base": str(llama_family["base"]), "clinical": str(llama_family["a"]),
+                          "instruct": str(llama_family["b"])},
+               "references": ["instruct", "clinical"], "grid": [{"method": "linear", "t": [0.0, 0.5, 1.0]}],
+               "eval": {"tasks": ["mm_pubmedqa"]}, "device": "cpu"}
+        cfg.update(changes)
+        path = tmp_path / "sweep.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    return write
+
+
+@pytest.mark.parametrize("grid, match", [
+    ([{"method": "tiess", "t": [0.5]}], r"unknown merge method 'tiess'"),
+    ([{"method": "slerp", "t": [0.5, 1.7]}], r"slerp t=1.7: 1.7 is outside \[0, 1\].*allow_extrapolation: true"),
+    ([{"method": "linear", "t": [1.7]}], r"linear t=1.7: 1.7 is outside \[0, 1\]: t is the domain model's share"),
+    ([{"method": "slerp", "t": [[0.2, 1.2]]}], r"1.2 is outside \[0, 1\]"),
+    ([{"method": "ties", "t": [0.5], "density": [0.5, -0.3]}], r"'density' for model .*: -0.3 is outside \(0, 1\]"),
+    ([{"method": "della", "t": [0.5], "density": [0.9]}], r"density 0.9 \+/- epsilon 0.15 must lie in \(0, 1\)"),
+    ([{"method": "linear", "t": ["half"]}], r"'half' is not a number"),
+    ([{"method": "ties", "t": 0.5, "density": "0.5"}], r"density='0.5': '0.5' is not a number"),
+    ([{"method": "linear", "t": []}], r"grid\[0\].t is an empty list"),
+    ([{"config": {"merge_method": "linear", "models": [{"model": "clinicl", "parameters": {"weight": 1.0}}]}}],
+     r"names model 'clinicl', which is not one of the sweep's models"),
+])
+def test_bad_grid_is_refused_before_any_reference_is_scored(sweep_file, tmp_path, grid, match):
+    with pytest.raises(ConfigError, match=match):
+        run(sweep_file(grid=grid), tmp_path / "run", progress=False)
+
+
+@pytest.mark.parametrize("search, match", [
+    ({"methods": ["tiess"]}, r"unknown merge method 'tiess'"),
+    ({"methods": ["ties"], "space": {"t": [0.0, 1.0], "density": [0.0, 1.0]}}, r"'density' .* 0.0 is outside \(0, 1\]"),
+    ({"methods": ["slerp"], "space": {"t": [0.0, 1.5]}}, r"1.5 is outside \[0, 1\]"),
+])
+def test_bad_search_space_is_refused_before_any_reference_is_scored(sweep_file, tmp_path, search, match):
+    with pytest.raises(ConfigError, match=match):
+        run(sweep_file(grid=[], search=search), tmp_path / "run", progress=False, search="optuna")
+
+
+def test_extrapolation_is_an_explicit_choice(sweep_file, tmp_path):
+    # allowed: the check passes and the run goes on to open the evaluator
+    with pytest.raises(AssertionError, match="evaluator was opened"):
+        run(sweep_file(grid=[{"method": "slerp", "t": [1.5], "allow_extrapolation": True}]), tmp_path / "run",
+            progress=False)
+    cfg = build_config("slerp", {"t": 1.5, "allow_extrapolation": True}, Roles())
+    assert cfg["parameters"] == {"t": 1.5, "allow_extrapolation": True}
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"models": {"base": "b", "clinical": "c", "instruct": "i", "a/b": "x"}}, r"model name \(a key of models:\) 'a/b' cannot be used as a folder name"),
+    ({"grid": [{"config": {"merge_method": "linear", "models": [{"model": "clinical", "parameters": {"weight": 1.0}}]},
+                "label": "../up"}]}, r"grid\[0\].label '../up' cannot be used as a folder name"),
+    ({"search": {"study": "../study"}}, r"search.study '../study' cannot be used as a folder name"),
+])
+def test_names_that_become_paths_are_checked_at_parse_time(sweep_file, tmp_path, changes, match):
+    from medmerge.experiments.sweep.config import load_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(sweep_file(**changes), tmp_path)
+
+
+def test_point_values_are_numbers():
+    with pytest.raises(ConfigError, match=r"'half' is not a number"):
+        build_config("linear", {"t": "half"}, Roles())
+    with pytest.raises(ConfigError, match=r"normalize='yes' is not true or false"):
+        build_config("ties", {"t": 0.5, "normalize": "yes"}, Roles())

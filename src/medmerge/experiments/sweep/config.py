@@ -28,9 +28,11 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from ...errors import ConfigError
+from ...errors import ConfigError, InputError
+from ...io.paths import safe_name
 from ...settings import Strict, validated
 from ..config import EvalSettings, WorldSettings, read_experiment, resolve_eval_paths
+from .points import Point, Roles, check_point, expand_grid
 
 class RoleNames(Strict):
     domain: str = "clinical"
@@ -128,4 +130,67 @@ def load_config(path: str | Path, out: Path, overrides: list[str] = (), progress
     cfg = validated(SweepConfig, raw, path)
     if not cfg.grid and cfg.search is None:
         raise ConfigError(f"{path}: nothing to do: add a `grid:` of points or a `search:` section")
+    check_sweep(cfg, path)
     return cfg, {"world": world, "config_file": str(path.absolute())}
+
+
+def check_names(cfg: SweepConfig, where: str | Path = "sweep config") -> None:
+    """Every name of the config that is, or may become, a path component under OUT is a safe folder name:
+    model (role) names, roles, references, `load`, grid labels, the search's study and its methods."""
+    names = [("model name (a key of models:)", r) for r in cfg.models]
+    names += [(f"roles.{k}", v) for k, v in cfg.roles.model_dump().items()]
+    names += [(f"references[{i}]", r) for i, r in enumerate(cfg.references)]
+    names += [("load", cfg.load)] if cfg.load is not None else []
+    for i, entry in enumerate(cfg.grid):
+        if entry.get("label") is not None:
+            names.append((f"grid[{i}].label", entry["label"]))
+        if isinstance(entry.get("method"), str):
+            names.append((f"grid[{i}].method", entry["method"]))
+    if cfg.search is not None:
+        names.append(("search.study", cfg.search.study))
+        names += [(f"search.methods[{i}]", m) for i, m in enumerate(cfg.search.methods)]
+    for what, name in names:
+        try:
+            safe_name(name, what)
+        except InputError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+
+def _search_corners(search: Search) -> list[Point]:
+    """Points at the low and the high corner of the search space, for each method (what `suggest` can propose)."""
+    points = []
+    for method in search.methods:
+        for side in (0, 1):
+            params = dict(search.fixed)
+            for name, bounds in search.space.items():
+                if name == "t" and method == "model_stock":
+                    continue
+                value = bounds[side]
+                params[name] = [value] * search.layer_groups if name == "t" and search.layer_groups > 1 else value
+            points.append(Point(method=method, params=params))
+    return points
+
+
+def check_sweep(cfg: SweepConfig, where: str | Path = "sweep config") -> list[Point]:
+    """The whole config, before any model is opened or any reference evaluated; returns the grid's points.
+
+    Names (`check_names`), then every grid point and both corners of the search space through
+    `points.check_point`: method names, numbers where numbers are expected, t a share, every value
+    in its method's domain, merge configs naming only the sweep's models.
+    """
+    check_names(cfg, where)
+    roles = Roles(**cfg.roles.model_dump())
+    try:
+        points = expand_grid(cfg.grid)
+        for point in points:
+            check_point(point, roles, list(cfg.models), cfg.seed, cfg.dtype)
+        if cfg.search is not None:
+            for point in _search_corners(cfg.search):
+                try:
+                    check_point(point, roles, list(cfg.models), cfg.seed, cfg.dtype)
+                except ConfigError as e:
+                    raise ConfigError(f"search (space {cfg.search.space}, fixed {cfg.search.fixed}): {e}") from None
+        # search.storage (the study's URL) is not checked here: search.check_storage (search.py) does, in run()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return points

@@ -26,18 +26,19 @@ from typing import Optional
 import yaml
 
 from ...errors import ConfigError, InputError
+from ...io.paths import under
 from ...io.writer import check_output
 from ...merging import merge
 from ...runtime import track
 from ..config import config_inputs
 from ..rundir import Result, open_run_dir
-from .config import Search, SweepConfig, load_config
+from .config import Search, SweepConfig, check_sweep, load_config
 from .evaluator import SweepEvaluator
 from .halving import successive_halving
 from .outputs import SweepLog, summarize, write_outputs
-from .points import Roles, expand_grid, with_paths
+from .points import Roles, with_paths
 from .scoring import Scorer, add_relative, reference_point
-from .search import run_search
+from .search import check_storage, run_search
 
 
 def open_evaluator(cfg: SweepConfig, out: Path, cache: Optional[Path] = None) -> SweepEvaluator:
@@ -46,7 +47,8 @@ def open_evaluator(cfg: SweepConfig, out: Path, cache: Optional[Path] = None) ->
     kw.pop("device")
     limit = kw.pop("limit")
     return SweepEvaluator(cfg.models, roles=roles, tasks=cfg.eval.tasks, eval_kwargs=kw,
-                          cache_dir=cache or out / "cache", seed=cfg.seed, load=cfg.load, dtype=cfg.dtype,
+                          cache_dir=cache or under(out, "cache", what="cache folder"), seed=cfg.seed, load=cfg.load,
+                          dtype=cfg.dtype,
                           device=cfg.device if cfg.eval.device == "auto" else cfg.eval.device,
                           limit=limit, subset=cfg.eval.subset)
 
@@ -76,11 +78,18 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
             cfg.search.trials = trials
         if storage is not None:
             cfg.search.storage = storage
-    (out / "sweep.yml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    # The whole config is checked before any model is opened or any reference evaluated: names, methods,
+    # every grid value and the search space against the methods' domains (again: --search may add a search).
+    points = check_sweep(cfg, config)
+    if search != "optuna" and not points:
+        raise ConfigError(f"{config}: grid: is empty (or pass --search optuna with a search: section)")
+    if search == "optuna":  # a bad --storage / search.storage (scheme, driver, sqlite folder) is refused now too
+        check_storage(cfg.search.storage)
+    under(out, "sweep.yml", what="sweep record").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     ev = open_evaluator(cfg, out, cache)
     scorer = Scorer(cfg, ev)
     base_sel = ev.selection(**ev.base_selection)
-    log = SweepLog(out / "sweep.jsonl")
+    log = SweepLog(under(out, "sweep.jsonl", what="sweep log"))
 
     refs = {}
     for role in cfg.references:
@@ -91,9 +100,6 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
     if search == "optuna":
         rows, search_info = run_search(cfg, ev, scorer, out, base_sel, log, worker=worker, progress=progress)
     else:
-        points = expand_grid(cfg.grid)
-        if not points:
-            raise ConfigError(f"{config}: grid: is empty (or pass --search optuna with a search: section)")
         search_info = None
         if cfg.halving is not None:
             rows, halving = successive_halving(cfg, ev, scorer, points, refs, log, progress)
@@ -112,7 +118,7 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
         if not best:
             raise InputError("no point meets the selection rule (select:): nothing to export; see sweep.md")
         summary["exported"] = export(cfg, best["config"], Path(export_best), force=export_force, progress=progress)
-        (out / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        under(out, "sweep_summary.json", what="sweep summary").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return Result(summary, markdown)
 
 

@@ -7,9 +7,11 @@ per parameter, e.g. t and density), one method or a categorical choice among
 layers and applied as a per-layer gradient of G values.
 
 Several workers share one study through `--storage` (sqlite for processes on
-one machine, postgresql:// for several machines): run the same command in each,
-with a distinct `--worker K`. Worker K's sampler is seeded with seed + K (so two
-workers never propose the same sequence, and a single worker is reproducible).
+one machine, postgresql:// for several machines, with its driver: pip install
+'psycopg[binary]'): run the same command in each, with a distinct `--worker K`.
+They may start at the same instant: the storage's tables and the study are
+created under a lock (`open_study`). Worker K's sampler is seeded with seed + K
+(so two workers never propose the same sequence, and a single worker is reproducible).
 The study stops at exactly `trials` completed trials: a trial whose number
 ranks past the budget (counting running and finished trials created before it)
 is pruned at once, before any evaluation.
@@ -19,9 +21,10 @@ optuna is imported inside the functions that use it, on purpose: a grid sweep ne
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import re
-import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ...errors import ConfigError
@@ -29,8 +32,6 @@ from ...runtime import progress as progress_bar
 from .config import Search, SweepConfig
 from .evaluator import Selection, SweepEvaluator
 from .points import Point, layer_gradient
-
-STARTUP_ATTEMPTS = 5
 
 
 def make_sampler(search: Search, seed: int):
@@ -59,31 +60,133 @@ def suggest(trial, search: Search) -> Point:
     return Point(method=method, params=params)
 
 
+def check_storage(url: str | None) -> None:
+    """Refuse a storage URL that cannot work, cheaply (no connection): scheme, driver, sqlite folder.
+
+    None is the default, sqlite:///OUT/study.db, which always works. Run before any model is loaded.
+    """
+    if url is None:
+        return
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    shown = _redact(url)
+    use = "use sqlite:///PATH.db (workers on one machine) or postgresql://USER:PASS@HOST/DB (several machines)"
+    try:
+        u = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"search.storage {shown!r} is not a database URL; {use}") from None
+    backend = u.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise ConfigError(f"search.storage {shown!r}: {backend!r} databases are not supported; {use}")
+    driver = u.get_driver_name()  # postgresql:// means psycopg (SQLAlchemy >= 2.1) or psycopg2 (older)
+    try:
+        dialect = u.get_dialect()
+        dialect.import_dbapi()
+    except NoSuchModuleError:
+        raise ConfigError(f"search.storage {shown!r}: unknown {backend} driver {driver!r}; {use}") from None
+    except ImportError as e:
+        hint = {"psycopg": "pip install 'psycopg[binary]'", "psycopg2": "pip install psycopg2-binary"}.get(
+            driver, f"install the Python package of the {driver} driver")
+        raise ConfigError(f"search.storage {shown!r}: the {backend} driver {driver!r} is not installed ({e}); "
+                          f"{hint}") from None
+    if getattr(dialect, "is_async", False):
+        raise ConfigError(f"search.storage {shown!r}: {driver} is an asyncio driver, which optuna cannot use; "
+                          f"use postgresql+psycopg:// or postgresql+psycopg2://")
+    if backend == "sqlite":
+        if not u.database or u.database == ":memory:" or u.database.startswith("file:"):
+            raise ConfigError(f"search.storage {shown!r}: workers share the study through a file; "
+                              "use sqlite:///PATH.db")
+        folder = Path(u.database).parent
+        if not folder.is_dir():
+            raise ConfigError(f"search.storage {shown!r}: the folder {folder} does not exist; create it "
+                              "(mkdir -p) or point the storage at an existing folder")
+
+
 def open_study(search: Search, out: Path, seed: int, worker: int):
+    """Create the study (and the storage's tables) or join it: safe for any number of workers started at once.
+
+    optuna's RDBStorage() creates the tables unlocked (SQLAlchemy's metadata.create_all: look, then CREATE
+    TABLE) and stamps the alembic schema version (look, then INSERT): workers doing it at once fail with
+    "table studies already exists" or "UNIQUE constraint failed: alembic_version.version_num". So the writes
+    at start-up (the tables and version stamp, then the study) are made holding a lock: an flock on
+    PATH.db.lock beside a sqlite file, a pg_advisory_lock on PostgreSQL. The first worker creates; the others
+    wait, find everything there and load it. The schema version check (slow: alembic reads its ~30
+    migration scripts) only reads, so it runs outside the lock, in parallel.
+    """
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = search.storage or f"sqlite:///{out / 'study.db'}"
+    check_storage(storage)
     sampler = make_sampler(search, seed + worker)
-    for attempt in range(STARTUP_ATTEMPTS):
-        try:
-            study = optuna.create_study(study_name=search.study, storage=storage, load_if_exists=True,
-                                        directions=["maximize", "maximize"], sampler=sampler)
-            break
-        except Exception as e:  # a bad URL or an unreachable server: say which and how to fix it
-            if attempt + 1 < STARTUP_ATTEMPTS and _startup_race(e):
-                time.sleep(0.2 * (attempt + 1))  # another worker is creating the schema: it exists in a moment
-                continue
-            raise ConfigError(f"search.storage {storage!r}: cannot open the study ({e}); use sqlite:///PATH.db or "
-                              "postgresql://USER:PASS@HOST/DB") from None
-    study.set_user_attr("objectives", ["if_score", "clinical_score"])
+    kw = _engine_kwargs(storage)
+    try:
+        with _schema_lock(storage):
+            optuna.storages.RDBStorage(storage, engine_kwargs=kw, skip_compatibility_check=True).engine.dispose()
+        rdb = optuna.storages.RDBStorage(storage, engine_kwargs=kw, skip_table_creation=True)
+        with _schema_lock(storage):
+            study = _create_or_load(search.study, rdb, sampler)
+        study.set_user_attr("objectives", ["if_score", "clinical_score"])
+    except Exception as e:  # noqa: BLE001 - an unreachable server, a refused login, an old schema: say which
+        raise ConfigError(f"search.storage {_redact(storage)!r}: cannot open the study {search.study!r} ({e}); "
+                          "check that the database is reachable, or use sqlite:///PATH.db or "
+                          "postgresql://USER:PASS@HOST/DB") from None
     return study, storage
 
 
-def _startup_race(e: Exception) -> bool:
-    """Workers started together both create the storage's tables; the one that loses sees them appear."""
-    text = str(e).lower()
-    return "already exists" in text or "database is locked" in text or "unique constraint" in text
+SQLITE_TIMEOUT_S = 120  # a sqlite writer waits this long for another's lock instead of "database is locked"
+PG_LOCK_KEY = 0x6D65646D65726765  # pg_advisory_lock key ("medmerge"): one per database, held while opening
+
+
+def _engine_kwargs(url: str) -> dict:
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite" and "timeout" not in u.query:
+        return {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
+    return {}
+
+
+@contextmanager
+def _schema_lock(url: str):
+    """Hold a lock, across processes (and machines, for PostgreSQL), while the storage is created or opened."""
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite":
+        with open(f"{u.database}.lock", "a") as f:  # left in place: removing a lock file races its next user
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+    else:
+        import sqlalchemy
+        from sqlalchemy.pool import NullPool
+
+        engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+        try:
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": PG_LOCK_KEY})
+                try:  # a session lock: also released if the connection drops
+                    yield
+                finally:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": PG_LOCK_KEY})
+        finally:
+            engine.dispose()
+
+
+def _create_or_load(name: str, rdb, sampler):
+    """The study, created if it is not there yet; loaded if another process created it meanwhile."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError
+
+    try:
+        return optuna.create_study(study_name=name, storage=rdb, load_if_exists=True,
+                                   directions=["maximize", "maximize"], sampler=sampler)
+    except (optuna.exceptions.DuplicatedStudyError, IntegrityError):  # created meanwhile, without the lock
+        return optuna.load_study(study_name=name, storage=rdb, sampler=sampler)
 
 
 def _budget_rank(study, trial) -> int:
