@@ -2,15 +2,19 @@
 
 A command parses its options, calls one library function and prints what it returns. Errors
 that reach the user are `MedmergeError`s (each names what is wrong, where, and what to do):
-`command` prints them and exits with status 2; Ctrl-C exits with 130 and says what was kept.
+`command` prints them and exits with status 2; Ctrl-C exits with 130 and says what was kept. An OS
+error becomes one naming the path and the remedy (status 2); anything else, a check medmerge missed,
+is printed as an internal error without a traceback (status 3; MEDMERGE_DEBUG=1 shows it).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Callable
 
+import click
 import typer
 from rich.console import Console
 
@@ -38,7 +42,16 @@ def command(group: typer.Typer, name: str, *, interrupted: str = "nothing was wr
                 fail(MedmergeError(describe_os_error(e)))
             except KeyboardInterrupt:
                 console.print(f"[bold red]interrupted:[/] {interrupted}")
-                raise typer.Exit(130)
+                raise typer.Exit(130) from None
+            except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+                raise
+            except Exception as e:  # the last resort: an input some check missed; still no traceback for users
+                if os.environ.get("MEDMERGE_DEBUG"):
+                    raise
+                console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e}")
+                console.print("medmerge did not expect this (an input it should have checked with a clear message). "
+                              "Please report it with the command you ran; MEDMERGE_DEBUG=1 shows the traceback.")
+                raise typer.Exit(3) from None
 
         group.command(name, **settings)(run)
         return run
