@@ -33,6 +33,8 @@ _REMEDIES = {
     errno.ENAMETOOLONG: "the name is too long for the file system: use a shorter path",
     errno.ENOTDIR: "a part of the path is a file, not a folder: use another path",
     errno.EISDIR: "the path is a folder where a file was expected: use another path",
+    errno.EEXIST: "something that is not a folder is in the way (a file, or a symbolic link that leads nowhere "
+                  "or to itself): remove it or use another path",
 }
 
 
