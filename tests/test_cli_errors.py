@@ -42,3 +42,11 @@ def test_medmerge_debug_shows_the_traceback(monkeypatch):
     monkeypatch.setenv("MEDMERGE_DEBUG", "1")
     result = CliRunner().invoke(_app(ValueError("boom")), ["go"])
     assert isinstance(result.exception, ValueError)
+
+
+@pytest.mark.parametrize("code", [0, 1, 2])
+def test_a_commands_own_exit_code_passes_through(code, monkeypatch):
+    monkeypatch.delenv("MEDMERGE_DEBUG", raising=False)
+    result = CliRunner().invoke(_app(typer.Exit(code)), ["go"])
+    assert result.exit_code == code
+    assert "internal error" not in result.output

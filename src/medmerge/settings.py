@@ -50,12 +50,53 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that gives one key twice (plain YAML loaders keep the last value silently)."""
+
+    def __init__(self, key: Any, first_line: int, line: int):
+        super().__init__(f"key {key!r} appears twice (lines {first_line} and {line})")
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping giving one key twice.
+
+    Keys merged in with `<<: *anchor` are not duplicates (an explicit key overrides them, as YAML says).
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader itself says so
+                    continue
+                if first is not None:
+                    raise DuplicateKeyError(key, first, key_node.start_mark.line + 1)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, source: str | Path) -> Any:
+    """YAML text parsed like yaml.safe_load, but a key given twice in one mapping is a ConfigError naming
+    `source` (the file), the key and both lines. Other YAML errors are raised as they are (yaml.YAMLError)."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{source}: {e}: a YAML mapping keeps only the last value, so the first would be "
+                          "ignored; remove one of them or merge them into one") from None
+
+
 def read_yaml(path: Path, what: str) -> dict:
     """A YAML mapping from `path`, or a ConfigError naming the file (`what`: e.g. "training config")."""
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = load_yaml(path.read_text(encoding="utf-8"), path) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):

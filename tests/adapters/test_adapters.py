@@ -421,3 +421,113 @@ def test_output_dtype_and_fingerprint_cache(world, tmp_path):
     cfg["rms_norm_eps"] = 1e-3
     (folder / "config.json").write_text(json.dumps(cfg))
     assert fingerprint(folder) != first
+
+
+# ---- hostile inputs from the QA campaign: clear errors naming adapter, key and value ----------------------------
+
+
+def _adapter_copy(world, tmp_path, name="adx", src="pt") -> Path:
+    return Path(shutil.copytree(world[src], tmp_path / name))
+
+
+def _edit_adapter_config(folder: Path, text: str | None = None, **changes) -> Path:
+    file = folder / "adapter_config.json"
+    if text is None:
+        cfg = json.loads(file.read_text())
+        cfg.update(changes)
+        text = json.dumps(cfg)  # NaN is written as the JSON literal NaN, as Python's json reads it
+    file.write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"lora_alpha": None}, r"lora_alpha None is not a finite number"),
+    ({"lora_alpha": "abc"}, r"lora_alpha 'abc' is not a finite number"),
+    ({"lora_alpha": float("nan")}, r"lora_alpha nan is not a finite number"),
+    ({"lora_alpha": True}, r"lora_alpha True is not a finite number"),
+    ({"r": 0}, r"r 0 is not a positive whole number"),
+    ({"r": "four"}, r"r 'four' is not a positive whole number"),
+    ({"r": 4.5}, r"r 4.5 is not a positive whole number"),
+    ({"rank_pattern": {"q_proj(": 4}}, r"rank_pattern key 'q_proj\(' is not a valid regular expression"),
+    ({"alpha_pattern": {"[v_proj": 3}}, r"alpha_pattern key '\[v_proj' is not a valid regular expression"),
+    ({"rank_pattern": {"q_proj": -2}}, r"rank_pattern\['q_proj'\] -2 is not a positive whole number"),
+    ({"alpha_pattern": {"q_proj": "x"}}, r"alpha_pattern\['q_proj'\] 'x' is not a finite number"),
+    ({"rank_pattern": ["q_proj"]}, r"rank_pattern .* a mapping"),
+])
+def test_adapter_config_values_are_checked_and_named(world, tmp_path, changes, match):
+    """A05, A06, A10, A13, A14: lora_alpha null / 'abc' / NaN, r 0, an invalid rank_pattern regex."""
+    ad = _edit_adapter_config(_adapter_copy(world, tmp_path), **changes)
+    with pytest.raises(InputError, match=rf"adx/adapter_config.json: {match}"):
+        merge_adapters(world["base"], [(ad, 1.0)], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_config_that_is_not_an_object_and_rank_zero_factors(world, tmp_path):
+    """A04: adapter_config.json a JSON list; A06: r 0 with rank-0 factors (ZeroDivisionError)."""
+    ad = _edit_adapter_config(_adapter_copy(world, tmp_path), text="[1, 2]")
+    with pytest.raises(InputError, match=r"adx/adapter_config.json: expected a JSON object .* got a list"):
+        merge_adapters(world["base"], [(ad, 1.0)], tmp_path / "out", progress=False)
+    ad = _adapter_copy(world, tmp_path, "zero")
+    state = load_file(ad / "adapter_model.safetensors")
+    for k in list(state):
+        state[k] = torch.zeros(0, state[k].shape[1]) if "lora_A" in k else torch.zeros(state[k].shape[0], 0)
+    save_file(state, ad / "adapter_model.safetensors")
+    _edit_adapter_config(ad, r=0)
+    with pytest.raises(InputError, match=r"zero/adapter_config.json: r 0 is not a positive whole number"):
+        merge_adapters(world["base"], [(ad, 1.0)], tmp_path / "out", progress=False)
+
+
+def test_nan_in_an_adapter_factor_is_named_up_front(world, tmp_path):
+    """A09: a NaN in lora_B gave 'the written merge does not match the intended combination'."""
+    ad = _adapter_copy(world, tmp_path)
+    state = load_file(ad / "adapter_model.safetensors")
+    key = sorted(k for k in state if "lora_B" in k)[0]
+    state[key][0, 0] = float("nan")
+    state[key][1, 0] = float("inf")
+    save_file(state, ad / "adapter_model.safetensors")
+    for as_, method in (("full", "exact"), ("adapter", "cat"), ("full", "ties")):
+        with pytest.raises(InputError, match=rf"adapter .*adx: tensor {key} holds 2 NaN or infinite value"):
+            merge_adapters(world["base"], [(ad, 1.0)], tmp_path / "out", as_=as_, method=method,
+                           density=0.5 if method == "ties" else None, progress=False)
+        assert not (tmp_path / "out").exists()
+
+
+def test_output_dtype_is_one_of_three(world, tmp_path):
+    """A07: --dtype float8_e4m3fn wrote F8 weights though --dtype documents float32, bfloat16 or float16."""
+    for dtype in ("float8_e4m3fn", "float8_e5m2", "float64", "half", "int8"):
+        with pytest.raises(InputError, match=rf"--dtype '{dtype}': use float32, bfloat16 or float16"):
+            merge_adapters(world["base"], [(world["pt"], 1.0)], tmp_path / "out", dtype=dtype, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_svd_rank_above_every_modules_full_rank_is_refused(world, tmp_path):
+    """A12: --method svd --as adapter --rank 100000 wrote a giant zero-padded adapter."""
+    adapters = [(world["pt"], 1.0), (world["sft"], 1.0)]
+    with pytest.raises(InputError, match=r"--rank 100000 is above the full rank of every module \(at most 32"):
+        merge_adapters(world["base"], adapters, tmp_path / "out", method="svd", as_="adapter", rank=100000,
+                       progress=False)
+    assert not (tmp_path / "out").exists()
+    rec = merge_adapters(world["base"], adapters, tmp_path / "out", method="svd", as_="adapter", rank=32,
+                         progress=False)
+    assert rec["rank"] == 32 and rec["stats"]["svd_relative_residual"] < 1e-5
+
+
+def test_an_adapter_folder_whose_name_has_a_colon(world, tmp_path):
+    """A15: an existing folder 'run-12:30' was read as path 'run-12' with weight 30."""
+    ad = _adapter_copy(world, tmp_path, "run-12:30")
+    assert parse_adapter_arg(str(ad)) == (str(ad), 1.0)
+    assert parse_adapter_arg(f"{ad}:0.5") == (str(ad), 0.5)
+    assert parse_adapter_arg(f"{world['pt']}:0.3") == (str(world["pt"]), 0.3)
+    rec = merge_adapters(world["base"], [parse_adapter_arg(str(ad))], tmp_path / "out", progress=False)
+    assert rec["adapter_merge"]["adapters"][0]["weight"] == 1.0
+
+
+def test_the_same_adapter_twice_is_noted(world, tmp_path):
+    """A01: the same adapter given twice (also spelled differently) is legitimate (1 and -1) but noted."""
+    rec = merge_adapters(world["base"], [(world["pt"], 1.0), (f"{world['pt']}/.", -1.0)], tmp_path / "out",
+                         progress=False)
+    notes = " ".join(rec["notes"])
+    assert "is given twice" in notes and str(world["pt"]) in notes
+    out, base = _state(tmp_path / "out"), _state(world["base"])
+    for k in base:
+        torch.testing.assert_close(out[k], base[k], atol=1e-6, rtol=0)

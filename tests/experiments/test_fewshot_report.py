@@ -69,8 +69,10 @@ def test_fewshot_config_errors_name_the_key(experiment, tmp_path):
 
     with pytest.raises(ConfigError, match="claim: k=64 is not in k"):
         run_fewshot(experiment / "fewshot.yaml", tmp_path / "a", overrides=["claim.k=64"], progress=False)
+    not_a_model = tmp_path / "empty"  # beside the run folder: a run inside an input is refused before this check
+    not_a_model.mkdir()
     with pytest.raises(InputError, match="not a model folder"):
-        run_fewshot(experiment / "fewshot.yaml", tmp_path / "b", overrides=[f"starts.instruct={tmp_path}"],
+        run_fewshot(experiment / "fewshot.yaml", tmp_path / "b", overrides=[f"starts.instruct={not_a_model}"],
                     progress=False)
 
 

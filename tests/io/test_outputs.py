@@ -237,3 +237,41 @@ def test_report_force_replaces_only_medmerge_reports(tmp_path):
     write_report(run)
     write_report(run, force=True)  # its own report it replaces
     assert (run / "report.md").stat().st_mode & 0o777 == 0o666 & ~writer.current_umask()
+
+
+def test_an_output_that_is_a_symlink_is_refused(llama_family, tmp_path):
+    """M39: OUT a symlink to an (empty) folder: the link was replaced by a real folder, the target left empty."""
+    target = tmp_path / "real_out"
+    target.mkdir()
+    link = tmp_path / "out_link"
+    link.symlink_to(target)
+    for force in (False, True):
+        with pytest.raises(OutputError, match=r"out_link is a symbolic link \(to .*real_out\).* pass .*real_out"):
+            medmerge.merge(linear(llama_family["a"], llama_family["b"]), link, force=force, progress=False)
+        with pytest.raises(OutputError, match=r"is a symbolic link"):
+            with atomic_output_dir(link, force=force):
+                pass
+    assert link.is_symlink() and list(target.iterdir()) == []
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(OutputError, match=r"is a symbolic link"):
+        medmerge.merge(linear(llama_family["a"], llama_family["b"]), dangling, progress=False)
+    assert dangling.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def test_atomic_output_dir_expands_a_tilde(tmp_path, monkeypatch):
+    """M19: '~/x' is the user's home, as for the inputs, not a folder named '~' in the current directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with atomic_output_dir(Path("~/x")) as tmp:
+        (tmp / "f").write_text("1")
+    assert (tmp_path / "home" / "x" / "f").read_text() == "1" and not (tmp_path / "~").exists()
+
+
+def test_an_output_name_too_long_for_the_file_system_is_named(llama_family, tmp_path):
+    """M17: a 300-character OUT name (ENAMETOOLONG) is an error naming it, not a traceback."""
+    out = tmp_path / ("x" * 300)
+    with pytest.raises((OutputError, InputError), match=r"the name is too long for the file system"):
+        medmerge.merge(linear(llama_family["a"], llama_family["b"]), out, progress=False)
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".x")] == []

@@ -84,6 +84,23 @@ def test_weights_must_be_finite(llama_family, no_reads):
         medmerge.load_plan(cfg)
 
 
+@pytest.mark.parametrize("weights", [(1e-45, 1e-45), (1e-40, 1.0), (1e-31, 1e-31)])
+def test_linear_weights_too_small_for_float32_are_refused_with_normalize(llama_family, no_reads, weights):
+    """M07: weights 1e-45, 1e-45 underflow in float32 (the output was not (a + b) / 2) -> refused at plan time."""
+    cfg = {"merge_method": "linear", "models": [
+        {"model": str(llama_family["a"]), "parameters": {"weight": weights[0]}},
+        {"model": str(llama_family["b"]), "parameters": {"weight": weights[1]}}]}
+    with pytest.raises(ConfigError, match=r"linear: the weight .* of model .* is too small to compute with in "
+                                          r"float32 .* only their ratios matter"):
+        medmerge.load_plan(cfg)
+    cfg["parameters"] = {"normalize": False}  # a tiny weight without normalize is a tiny (but exact) scale
+    medmerge.load_plan(cfg)
+    cfg = {"merge_method": "linear", "models": [
+        {"model": str(llama_family["a"]), "parameters": {"weight": 1e-20}},
+        {"model": str(llama_family["b"]), "parameters": {"weight": 0.0}}]}
+    medmerge.load_plan(cfg)  # small but representable: unchanged
+
+
 def test_breadcrumbs_gamma_and_della_epsilon(llama_family, no_reads):
     f = llama_family
     cfg = {**_ties(f, 0.5), "merge_method": "breadcrumbs"}

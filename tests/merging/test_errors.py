@@ -392,3 +392,136 @@ def test_a_weights_file_given_as_the_model_names_its_folder(llama_family):
 
     with pytest.raises(InputError, match=r"is a file; pass the model folder that holds it"):
         resolve_model_path(str(llama_family["a"] / "model.safetensors"))
+
+
+# ---- hostile inputs from the QA campaign: each is a clear error, never a silently different merge --------------
+
+
+def test_duplicate_yaml_key_is_refused_naming_key_and_lines(llama_family, tmp_path):
+    """M04: a second `models:` used to replace the first silently."""
+    from medmerge.settings import read_yaml
+
+    a, b = llama_family["a"], llama_family["b"]
+    text = (f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.9}}\n"
+            f"  - model: {b}\n    parameters: {{weight: 0.1}}\n"
+            f"models:\n  - model: {a}\n    parameters: {{weight: 0.1}}\n"
+            f"  - model: {b}\n    parameters: {{weight: 0.9}}\n")
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(text)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"m.yml: key 'models' appears twice \(lines 2 and 7\)"):
+        medmerge.merge(cfg, out, progress=False)
+    assert_nothing_written(out)
+    with pytest.raises(ConfigError, match=r"key 'models' appears twice"):
+        medmerge.merging.parse_config(text)
+    # every config medmerge reads (training, sweeps, experiments) goes through read_yaml; nested keys count too
+    other = tmp_path / "train.yml"
+    other.write_text("stage: sft\ntraining:\n  lr: 1.0e-3\n  lr: 1.0\n")
+    with pytest.raises(ConfigError, match=r"train.yml: key 'lr' appears twice \(lines 3 and 4\)"):
+        read_yaml(other, "training config")
+    # YAML merge keys (<<) are not duplicates: the explicit key overrides the merged one
+    other.write_text("base: &b {lr: 1}\nrun:\n  <<: *b\n  lr: 2\n")
+    assert read_yaml(other, "training config")["run"] == {"lr": 2}
+
+
+def test_the_same_model_spelled_two_ways_is_refused(llama_family, tmp_path):
+    """M11: `a` and `a/.` are one folder; the duplicate check compared strings."""
+    a = llama_family["a"]
+    for twin in (f"{a}/.", f"{a}/", f"{a}/../{a.name}"):
+        cfg = linear_cfg(a, twin)
+        with pytest.raises(ConfigError, match=r"listed twice"):
+            medmerge.merge(cfg, tmp_path / "out", progress=False)
+    link = tmp_path / "alias"
+    link.symlink_to(a)
+    with pytest.raises(ConfigError, match=r"alias.* the same folder"):
+        medmerge.merge(linear_cfg(a, link), tmp_path / "out", progress=False)
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_base_model_spelled_differently_is_the_listed_model(llama_family, tmp_path):
+    """M12: `base_model: base/` with `base` in models used to add the base as an extra (zero) task vector."""
+    from medmerge.merging.api import load_plan
+
+    base, a = llama_family["base"], llama_family["a"]
+    cfg = {"merge_method": "task_arithmetic", "base_model": f"{base}/", "parameters": {"normalize": True},
+           "models": [{"model": str(base), "parameters": {"weight": 1.0}},
+                      {"model": str(a), "parameters": {"weight": 1.0}}]}
+    plan = load_plan(cfg)
+    assert len(plan.models) == 2 and plan.base == 0
+    out = tmp_path / "out"
+    medmerge.merge(cfg, out, progress=False)
+    merged, want = load_file(out / "model.safetensors"), load_file(a / "model.safetensors")
+    for k in want:  # the base is the base (no task vector of its own): base + (a - base) * 1/1 = a
+        torch.testing.assert_close(merged[k], want[k])
+    import yaml
+    record = yaml.safe_load((out / "medmerge.yml").read_text())
+    assert record["base_model"] == str(base) and len(record["models"]) == 2
+
+
+def test_output_given_with_a_tilde_is_under_home(llama_family, tmp_path, monkeypatch):
+    """M19: OUT '~/merged' (quoted, so the shell did not expand it) wrote a literal ./~/merged."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    result = medmerge.merge(linear_cfg(llama_family["a"], llama_family["b"]), "~/merged", progress=False)
+    assert (home / "merged" / "model.safetensors").is_file()
+    assert not (cwd / "~").exists()
+    assert result.out == home / "merged"
+
+
+@pytest.mark.parametrize("size", ["0", "0.4", 0, "999"])
+def test_a_shard_size_below_one_kilobyte_is_refused(llama_family, tmp_path, size):
+    """M20: --shard-size 0 (or "0.4", 0 bytes) wrote one shard per tensor."""
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"shard size .* at least 1KB"):
+        medmerge.merge(linear_cfg(llama_family["a"], llama_family["b"]), out, shard_size=size, progress=False)
+    assert_nothing_written(out)
+
+
+def test_config_json_that_is_not_an_object_is_named(llama_family, tmp_path):
+    """M29: an input config.json holding a JSON list raised AttributeError."""
+    odd = copy_model(llama_family["b"], tmp_path / "odd")
+    (odd / "config.json").write_text("[1, 2, 3]")
+    assert_merge_fails([llama_family["a"], odd], tmp_path / "out", InputError,
+                       r"odd/config.json: expected a JSON object .* got a list")
+
+
+@pytest.mark.parametrize("value", ["two", 2.5, True, -1, None, [2]])
+def test_layer_count_that_is_not_a_count_is_named(llama_family, tmp_path, value):
+    """M30: num_hidden_layers "two" raised ValueError from int()."""
+    odd = _edit_config(copy_model(llama_family["b"], tmp_path / "odd"), num_hidden_layers=value)
+    assert_merge_fails([llama_family["a"], odd], tmp_path / "out", InputError,
+                       r"odd/config.json: num_hidden_layers .* is not a (whole number|non-negative)")
+
+
+def test_layer_count_that_contradicts_the_tensors_is_refused(llama_family, tmp_path):
+    """M31: config.json saying 1 layer while tensors hold 2 put layer 0 at the end of a gradient."""
+    a = _edit_config(copy_model(llama_family["a"], tmp_path / "a1"), num_hidden_layers=1)
+    b = _edit_config(copy_model(llama_family["b"], tmp_path / "b1"), num_hidden_layers=1)
+    cfg = {"merge_method": "linear", "parameters": {"normalize": False}, "models": [
+        {"model": str(a), "parameters": {"weight": [0.0, 1.0]}},
+        {"model": str(b), "parameters": {"weight": [1.0, 0.0]}}]}
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"a1/config.json: num_hidden_layers 1 does not match the tensors, "
+                                         r"which hold 2 layers \(model.layers.0 to model.layers.1\)"):
+        medmerge.merge(cfg, out, progress=False)
+    assert_nothing_written(out)
+
+
+def test_verify_of_a_record_that_is_not_a_mapping_or_a_config_list(llama_family, tmp_path):
+    """V01, V02, V06: a medmerge.yml that is a list or empty, an output config.json that is a list."""
+    from medmerge.adapters.verify import verify_output
+
+    out = tmp_path / "out"
+    medmerge.merge(linear_cfg(llama_family["a"], llama_family["b"]), out, progress=False)
+    record = (out / "medmerge.yml").read_text()
+    for text, kind in (("- 1\n- 2\n", "a list"), ("", "empty"), ("# only a comment\n", "empty")):
+        (out / "medmerge.yml").write_text(text)
+        with pytest.raises(InputError, match=rf"medmerge.yml: .*is {kind}"):
+            verify_output(out)
+    (out / "medmerge.yml").write_text(record)
+    (out / "config.json").write_text("[]")
+    with pytest.raises(InputError, match=r"out/config.json: expected a JSON object"):
+        verify_output(out)

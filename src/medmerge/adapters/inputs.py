@@ -27,7 +27,13 @@ RECORD_KEY = "adapter_merge"  # the key of an adapter merge's record in its medm
 
 
 def parse_adapter_arg(text: str) -> tuple[str, float]:
-    """'PATH:WEIGHT' -> (PATH, WEIGHT); a path without ':WEIGHT' gets weight 1."""
+    """'PATH:WEIGHT' -> (PATH, WEIGHT); a path without ':WEIGHT' gets weight 1.
+
+    When the whole argument is an existing path it is the path (weight 1), even if it holds a ':'
+    (a folder named `run-12:30`); give such a folder a weight as `run-12:30:0.5`.
+    """
+    if Path(str(text)).expanduser().exists():
+        return str(text), 1.0
     path, sep, weight = str(text).rpartition(":")
     if not sep:
         return str(text), 1.0
@@ -132,6 +138,13 @@ def open_inputs(base: str | Path, adapters: Sequence[tuple[str | Path, float]], 
             raise InputError(f"module {t.removesuffix('.weight')} is in some adapters but not in {', '.join(missing)}; "
                              "the adapters target different modules. Pass --allow-missing to treat a missing module "
                              "as dW = 0")
+    seen: dict[Path, int] = {}
+    for j, a in enumerate(opened):
+        i = seen.setdefault(a.path.resolve(), j)
+        if i != j:  # legitimate (weights 1 and -1 cancel), but rarely meant: said in the summary and the record
+            inputs.notes.append(f"adapter {a.path.resolve()} is given twice (as {adapters[i][0]} at weight "
+                                f"{weights[i]:g} and as {adapters[j][0]} at weight {weights[j]:g}); its deltas add up "
+                                f"to weight {weights[i] + weights[j]:g}")
     n_missing = sum(m is None for ms in inputs.modules.values() for m in ms)
     if n_missing:
         inputs.notes.append(f"--allow-missing: {n_missing} (adapter, module) pairs are missing and count as dW = 0")

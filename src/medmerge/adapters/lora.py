@@ -37,6 +37,24 @@ PREFIX = "base_model.model."
 _FACTOR = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$|^(?P<emodule>.+)\.(?P<epart>lora_embedding_[AB])$")
 
 
+def _rank(value, key: str, where: Path) -> int:
+    """A LoRA rank from adapter_config.json: a positive whole number (PEFT divides by it)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{where}: {key} {value!r} is not a positive whole number (the LoRA rank); the adapter "
+                         "config is damaged: restore the one saved with the adapter")
+    return value
+
+
+def _alpha(value, key: str, where: Path) -> float:
+    """A LoRA alpha from adapter_config.json: a finite number (the scaling is alpha / r)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{where}: {key} {value!r} is not a finite number (the LoRA scaling is lora_alpha / r); "
+                         "the adapter config is damaged: restore the one saved with the adapter")
+    return float(value)
+
+
 def pattern_value(patterns: dict, module: str, default):
     """PEFT's `get_pattern_key`: the first pattern key whose regex matches the end of `module`."""
     for key in patterns:
@@ -79,8 +97,12 @@ class LoraAdapter:
             raise InputError(f"{p} has no {CONFIG_NAME}: not a PEFT adapter folder{hint}")
         try:
             self.config = json.loads((p / CONFIG_NAME).read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InputError(f"{p / CONFIG_NAME}: not valid JSON ({e})") from None
+        if not isinstance(self.config, dict):
+            raise InputError(f"{p / CONFIG_NAME}: expected a JSON object (PEFT's settings: r, lora_alpha, "
+                             f"target_modules, ...), got a {type(self.config).__name__}; restore the "
+                             f"{CONFIG_NAME} saved with the adapter")
         self._check_config()
         self._pickled: Optional[dict[str, torch.Tensor]] = None
         self.records = self._scan(allow_pickle)
@@ -108,6 +130,19 @@ class LoraAdapter:
         for bad, why in refusals:
             if bad:
                 raise InputError(f"adapter {self.path} {why}")
+        _rank(c.get("r", 8), "r", where)
+        _alpha(c.get("lora_alpha", 8), "lora_alpha", where)
+        for key, check in (("rank_pattern", _rank), ("alpha_pattern", _alpha)):
+            patterns = c.get(key) or {}
+            if not isinstance(patterns, dict):
+                raise InputError(f"{where}: {key} {patterns!r} is not a mapping of module patterns to values")
+            for pattern, value in patterns.items():
+                try:
+                    re.compile(rf"(.*\.)?({pattern})$")
+                except (re.error, TypeError) as e:
+                    raise InputError(f"{where}: {key} key {pattern!r} is not a valid regular expression ({e}); PEFT "
+                                     "matches these keys as regexes against module names") from None
+                check(value, f"{key}[{pattern!r}]", where)
 
     def _scan(self, allow_pickle: bool) -> dict[str, TensorRecord]:
         weights = self.path / WEIGHTS_NAME
@@ -158,8 +193,10 @@ class LoraAdapter:
             if len(a.shape) != 2 or len(b.shape) != 2:
                 raise InputError(f"adapter {self.path}: module {module} has {len(a.shape)}-d factors "
                                  "(convolution LoRA); only linear and embedding LoRA can be merged")
-            r = int(pattern_value(c.get("rank_pattern") or {}, module, c.get("r", 8)))
-            alpha = float(pattern_value(c.get("alpha_pattern") or {}, module, c.get("lora_alpha", 8)))
+            where = self.path / CONFIG_NAME  # every value was checked by _check_config
+            r = _rank(pattern_value(c.get("rank_pattern") or {}, module, c.get("r", 8)), "r", where)
+            alpha = _alpha(pattern_value(c.get("alpha_pattern") or {}, module, c.get("lora_alpha", 8)), "lora_alpha",
+                           where)
             if a.shape[0] != r or b.shape[1] != r:
                 raise InputError(
                     f"adapter {self.path}: module {module} has rank {a.shape[0]} (A {list(a.shape)}, B {list(b.shape)}) "
@@ -180,12 +217,21 @@ class LoraAdapter:
 
     def _read(self, rec: TensorRecord) -> torch.Tensor:
         if self._pickled is not None:
-            return self._pickled[rec.name].to(torch.float32)
+            return self._finite(rec, self._pickled[rec.name].to(torch.float32))
         with open(rec.file, "rb") as f:
             f.seek(rec.start)
             raw = bytearray(f.read(rec.nbytes))
         t = torch.frombuffer(raw, dtype=SAFETENSORS_DTYPES[rec.dtype]) if raw else torch.empty(0)
-        return t.reshape(rec.shape).to(torch.float32)
+        return self._finite(rec, t.reshape(rec.shape).to(torch.float32))
+
+    def _finite(self, rec: TensorRecord, t: torch.Tensor) -> torch.Tensor:
+        """`t`, or an InputError naming the adapter and tensor when it holds NaN or infinite values."""
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise InputError(f"adapter {self.path}: tensor {rec.name} holds {bad} NaN or infinite value(s), so every "
+                             "merge with it would too; the adapter is damaged (or its training diverged): retrain it "
+                             "or use an earlier checkpoint")
+        return t
 
     def delta(self, module: str) -> torch.Tensor:
         """dW = s * B @ A (transposed for embedding LoRA and fan_in_fan_out), float32, shaped like the weight."""

@@ -28,7 +28,8 @@ from ..errors import InputError, MedmergeError
 from ..io.fingerprint import sha256_file
 from ..io.folders import copy_support_files, dtype_name
 from ..io.stream import readback_problems, write_transformed
-from ..io.writer import atomic_output_dir, check_output, parse_size
+from ..io.writer import atomic_output_dir, check_output, output_path
+from ..io.writer import shard_size as shard_bytes
 from ..merging.provenance import RECORDED_LIBRARIES
 from ..runtime import library_versions, progress as progress_bar
 from .combine import DENSITY_METHODS, METHODS, combine, svd_factors
@@ -37,6 +38,7 @@ from .lora import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from .verify import verify_adapter_merge
 
 SAMPLE_MODULES = 8  # modules recomputed from the inputs by the merge's own verification (all with verify="full")
+OUT_DTYPES = ("float32", "bfloat16", "float16")  # what --dtype may be
 
 
 def check_method(method: str, density: Optional[float], rank: Optional[int], as_: str) -> None:
@@ -89,14 +91,15 @@ def merge_adapters(
 ) -> dict:
     """Merge LoRA adapters into OUT; return the record written to OUT/medmerge.yml."""
     check_method(method, density, rank, as_)
-    out = Path(out).absolute()
+    out = output_path(out).absolute()
+    size = shard_bytes(shard_size)
     sources = [base, *(path for path, _ in adapters)]
     check_output(out, force, sources)  # never is, holds or lies inside the base or an adapter
     out_dtype = None
     if dtype is not None:
-        out_dtype = getattr(torch, dtype, None)
-        if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        if dtype not in OUT_DTYPES:  # not float8 (a quantised format, not a dtype to export weights in), not float64
             raise InputError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
+        out_dtype = getattr(torch, dtype)
     inputs = open_inputs(base, adapters, allow_missing=allow_missing, allow_pickle=allow_pickle,
                          check_base=check_base)
     if method == "exact" and as_ == "adapter":
@@ -105,13 +108,15 @@ def merge_adapters(
     else:
         method_used = method
     try:
+        if as_ == "adapter" and method_used != "cat" and rank is not None:
+            check_svd_rank(inputs, rank)  # every adapter export but cat is a rank-R SVD of the combined delta
         with atomic_output_dir(out, force=force, inputs=sources) as tmp:
             record = _record(inputs, method_used, as_, density, rank, seed, out_dtype)
             record[RECORD_KEY]["allow_missing"] = allow_missing
             checksums = None
             if as_ == "full":
                 results, checksums = _write_full(inputs, tmp, method_used, density, seed, out_dtype,
-                                                 parse_size(shard_size), progress)
+                                                 size, progress)
             else:
                 results, record["rank"] = _write_adapter(inputs, tmp, method_used, density, rank, seed, progress)
             record["stats"] = _stats(results)
@@ -273,6 +278,23 @@ def adapter_factors(inputs: AdapterInputs, target: str, method: str, density, ra
     result.residual = float(torch.linalg.matrix_norm((combined - fb @ fa).to(torch.float64)))
     result.norm = norm
     return fa, fb, result
+
+
+def check_svd_rank(inputs: AdapterInputs, rank: int) -> None:
+    """Refuse an SVD rank above every module's full rank min(out, in): the extra rank would be zero padding.
+
+    A rank above some modules' full rank (but not all) is kept: those modules are padded with zeros
+    to the one rank the adapter declares, as before.
+    """
+    full = {t: min(inputs.base.records[t].shape[:2]) for t in inputs.modules}
+    largest = max(full.values())
+    if rank > largest:
+        widest = max(full, key=full.get)
+        raise InputError(
+            f"--rank {rank} is above the full rank of every module (at most {largest}, for "
+            f"{module_name(widest)} of shape {list(inputs.base.records[widest].shape)}): an SVD of rank {rank} would "
+            f"add only zeros; use --rank {largest} or less (the exact combination has rank {default_rank(inputs)}: "
+            "--method cat writes it exactly)")
 
 
 def default_rank(inputs: AdapterInputs) -> int:

@@ -33,6 +33,7 @@ from ..io.stream import prefetch
 from ..merging.verify import TensorCheck, VerifyReport, compare
 from ..merging.verify import verify as verify_merge
 from ..runtime import progress as progress_bar
+from ..settings import load_yaml
 from .combine import LINEAR_METHODS, combine
 from .inputs import RECORD_KEY, AdapterInputs, open_inputs, parse_adapter_arg
 from .lora import CONFIG_NAME, LoraAdapter
@@ -114,7 +115,7 @@ def _read_record(folder: Path) -> dict:
     if not file.is_file():
         return {}
     try:
-        record = yaml.safe_load(file.read_text())
+        record = load_yaml(file.read_text(), file)
     except yaml.YAMLError as e:
         raise InputError(f"{file}: not valid YAML ({e}); it is the merge's record: re-run the merge") from None
     return record if isinstance(record, dict) else {}

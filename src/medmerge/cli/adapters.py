@@ -17,7 +17,8 @@ from .common import command, console
 def adapters_merge_cmd(
     base: str = typer.Option(..., "--base", help="the base model folder the adapters were trained on"),
     adapter: list[str] = typer.Option(..., "--adapter", help="PATH:WEIGHT of a PEFT LoRA adapter (repeat); "
-                                      "negative weights subtract"),
+                                      "negative weights subtract; PATH alone is weight 1 (an existing path is always "
+                                      "the path, even with a ':' in its name)"),
     out: Path = typer.Option(..., "--out", help="output folder (written atomically)"),
     method: str = typer.Option("exact", "--method", help="exact, cat, svd, ties, dare_linear, dare_ties, "
                                "magnitude_prune (all act on dW_i = s_i B_i A_i)"),
@@ -26,7 +27,8 @@ def adapters_merge_cmd(
     density: Optional[float] = typer.Option(None, "--density", help="fraction of each dW_i kept (ties, dare_*, "
                                             "magnitude_prune)"),
     seed: int = typer.Option(0, "--seed", help="seed of DARE's random drops (recorded)"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="output dtype of a full export (default: the base's)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="output dtype of a full export: float32, bfloat16 or "
+                                        "float16 (default: the base's)"),
     shard_size: str = typer.Option("5GB", "--shard-size", help="largest output shard, e.g. 5GB"),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="a module missing from an adapter counts "
                                        "as dW = 0"),

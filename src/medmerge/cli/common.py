@@ -43,7 +43,7 @@ def command(group: typer.Typer, name: str, *, interrupted: str = "nothing was wr
             except KeyboardInterrupt:
                 console.print(f"[bold red]interrupted:[/] {interrupted}")
                 raise typer.Exit(130) from None
-            except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
                 raise
             except Exception as e:  # the last resort: an input some check missed; still no traceback for users
                 if os.environ.get("MEDMERGE_DEBUG"):

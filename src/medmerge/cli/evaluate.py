@@ -11,7 +11,7 @@ from rich.table import Table
 from ..evaluation import nltk_data
 from ..evaluation.compare import compare, parse_references, render_markdown
 from ..evaluation.registry import builtin_tasks, task_table
-from ..evaluation.runner import evaluate
+from ..evaluation.runner import check_limit, evaluate
 from .app import app
 from .common import command, console, stdout
 
@@ -44,7 +44,7 @@ def eval_cmd(
     results = evaluate(
         model, [t for t in tasks.split(",") if t.strip()], out, peft=peft, task_files=task_file,
         include_paths=include_path, data_dir=data_dir,
-        limit=None if limit is None else (int(limit) if limit >= 1 else limit),  # a count, or a fraction below 1
+        limit=check_limit(limit),  # a count, or a fraction below 1; finite and above 0
         batch_size=int(batch_size) if batch_size.isdigit() else batch_size,
         device=device, dtype=dtype, seed=seed, gen_kwargs=gen_kwargs, chat_template=chat_template,
         system_prompt=system_prompt, log_samples=log_samples, force=force, allow_pickle=allow_pickle,

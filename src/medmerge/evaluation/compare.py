@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import InputError, MedmergeError
-from ..io.records import read_json
+from ..io.records import NotText, read_json
 from ..io.writer import atomic_output_dir, check_output
 from ..runtime import pyplot
 from .results import SCHEMA
@@ -42,7 +42,7 @@ def load_results(path: str | Path) -> tuple[str, dict]:
         raise InputError(f"{file} does not exist; pass a results.json or a folder written by `medmerge eval`")
     try:
         results = read_json(file, dict, "a medmerge results file (a JSON object)")
-    except UnicodeDecodeError:
+    except NotText:
         raise InputError(f"{file} is not a text file (a model file?); pass a results.json or a folder written by "
                          "`medmerge eval`") from None
     if results.get("schema") != SCHEMA or "tasks" not in results:

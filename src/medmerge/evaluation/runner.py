@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -149,6 +150,29 @@ def check_batch_size(batch_size) -> None:
         raise MedmergeError(f"--batch-size {batch_size!r}: use a positive integer, auto or auto:N (N tries)")
 
 
+SEED_MAX = 2**32 - 1  # numpy's seeds are unsigned 32-bit
+
+
+def check_seed(seed) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
+        raise MedmergeError(f"--seed {seed!r}: use a whole number from 0 to {SEED_MAX} (numpy's seed range)")
+
+
+def check_limit(limit):
+    """`limit` as lm-eval takes it: None, a fraction in (0, 1) of each task, or a whole number of documents."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit <= 0:
+        raise MedmergeError(f"--limit {limit!r}: use a fraction below 1 (a share of each task's documents) or a "
+                            "whole number >= 1 (the first N documents); it must be a finite number above 0")
+    if limit >= 1:
+        if limit != int(limit):
+            raise MedmergeError(f"--limit {limit!r}: a number of documents is a whole number; use {int(limit)} or "
+                                f"{int(limit) + 1} (a fraction is below 1)")
+        return int(limit)
+    return float(limit)
+
+
 def max_sequence_length(model_path: Path) -> Optional[tuple[int, str]]:
     """(length, config key) of the model's context as lm-eval reads it from config.json; None if it names none."""
     try:
@@ -189,6 +213,8 @@ def check_request(model, tasks: Sequence[str], out: Optional[str | Path], *, pef
     if chat_template not in ("auto", "none"):
         raise MedmergeError(f"--chat-template must be auto or none, not {chat_template!r}")
     check_batch_size(batch_size)
+    check_seed(seed)
+    limit = check_limit(limit)
     if dtype not in DTYPES:
         raise MedmergeError(f"--dtype {dtype!r}: use auto, float32, bfloat16 or float16")
     device = resolve_device(device)
@@ -220,8 +246,6 @@ def check_request(model, tasks: Sequence[str], out: Optional[str | Path], *, pef
         check_generation_length(model_path, plan, gen)
     if samples is not None and limit is not None:
         raise MedmergeError("pass either limit or samples (chosen documents per task), not both")
-    if limit is not None and limit <= 0:
-        raise MedmergeError("--limit must be positive")
     return EvalRequest(model_path=model_path, adapter_path=adapter_path, plan=plan, data_root=data_root,
                        device=device, gen=gen, include_paths=list(include_paths), limit=limit, samples=samples,
                        batch_size=batch_size, dtype=dtype, seed=seed, chat_template=chat_template,

@@ -50,10 +50,7 @@ class TaskFile:
 
     def docs(self) -> list[dict]:
         """The data rows; a row with an empty or missing target is an error, or left out with skip_empty_targets."""
-        try:
-            rows = data.read_table(self.data)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{self.data}: not UTF-8 text ({e.reason} at byte {e.start}); save the data file as UTF-8")
+        rows = data.read_table(self.data)  # a file that is not UTF-8 is a DataError naming its line
         for i, r in enumerate(rows):
             if not isinstance(r, dict):
                 raise DataError(f"{self.data}, item {i + 1}: expected a JSON object with {self.input!r} and "
@@ -161,8 +158,11 @@ def load_task_file(path: str | Path) -> TaskFile:
     stop = spec.get("stop", ["\n\n"])
     if isinstance(stop, str):
         stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
+    if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
         raise DataError(f"task file {path}: stop must be a string or a list of strings, not {stop!r}")
+    if not all(stop):
+        raise DataError(f"task file {path}: stop holds an empty string ({stop!r}), which matches at once and cuts "
+                        "every generation short; remove it, or leave `stop` out for the default ['\\n\\n']")
     skip_empty = spec.get("skip_empty_targets", False)
     if not isinstance(skip_empty, bool):
         raise DataError(f"task file {path}: skip_empty_targets must be true or false, not {skip_empty!r}")

@@ -13,32 +13,33 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from ..errors import ConfigError
 from ..miniclinic.build import build
 from ..miniclinic.world import TASKS_DIR
 from ..settings import Strict, apply_overrides, read_yaml, validation_message
+from ..training.config import Finite, Seed
 from .rundir import reuse
 
 
 class WorldSettings(Strict):
     preset: str = "quick"
-    seed: int = 0
+    seed: Seed = 0
     dir: Optional[Path] = None  # an already built world (`medmerge miniclinic build`) instead of OUT/world
 
 
-class EvalSettings(Strict):
+class EvalSettings(Finite):
     """Which tasks every model of an experiment is evaluated on, and how (`medmerge eval`'s options)."""
 
     tasks: list[str] = []
     include_paths: list[Path] = []
     task_files: list[Path] = []
     data_dir: Optional[Path] = None
-    limit: Optional[float] = None
-    batch_size: int = 8
+    limit: Optional[float] = Field(None, gt=0)  # finite (Finite); < 1: a share of each task, else a count
+    batch_size: int = Field(8, ge=1)
     device: str = "auto"
-    max_new_tokens: Optional[int] = None
+    max_new_tokens: Optional[int] = Field(None, ge=1)
     chat_template: str = "auto"
 
     def kwargs(self, seed: int) -> dict:
@@ -118,6 +119,13 @@ def read_experiment(path: Path, out: Path, overrides, what: str, progress: bool 
     raw = apply_overrides(read_yaml(path, what), list(overrides))
     variables, world = prepare_world(raw.get("world"), path, out, progress=progress)
     return expand(raw, variables), relative_to(path.parent), world
+
+
+def experiment_inputs(path: str | Path, overrides: Sequence[str], what: str) -> list[Path]:
+    """`config_inputs` of a recipe's config, which is read first: a config file that is missing, not YAML or not
+    a mapping, or an override that does not apply, is a ConfigError before the run folder is looked at."""
+    apply_overrides(read_yaml(Path(path), what), list(overrides))
+    return config_inputs(path, overrides)
 
 
 def config_inputs(path: str | Path, overrides: Sequence[str] = ()) -> list[Path]:

@@ -27,6 +27,7 @@ from ..miniclinic.build import build, code_version
 from ..miniclinic.world import TASKS_DIR
 from .fewshot import run as run_fewshot
 from .report import write_report
+from ..training.config import SEED_MAX
 from .rundir import open_run_dir
 from .sweep.run import run as run_sweep
 
@@ -90,6 +91,8 @@ def run_demo(out: str | Path = "runs/demo", preset: str = "quick", seed: int = 0
     """Run the demo into OUT (re-runs reuse the world cache and the sweep's result cache)."""
     if preset not in PRESETS:
         raise MedmergeError(f"unknown preset {preset!r}; use quick or full")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise MedmergeError(f"--seed {seed!r}: use a whole number from 0 to {SEED_MAX} (numpy's seed range)")
     p = PRESETS[preset]
     console = Console()
     out = open_run_dir(out, force=False, results=())

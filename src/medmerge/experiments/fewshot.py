@@ -41,11 +41,11 @@ from ..io.paths import safe_name, under
 from ..merging import merge
 from ..runtime import library_versions
 from ..settings import Strict, validated
-from ..training.config import DataConfig, LoraSettings, TrainConfig, TrainingSettings
+from ..training.config import DataConfig, Finite, LoraSettings, Seed, TrainConfig, TrainingSettings
 from ..training.trainer import RECORD, train
-from .config import EvalSettings, WorldSettings, config_inputs, read_experiment, resolve_eval_paths
+from .config import EvalSettings, WorldSettings, experiment_inputs, read_experiment, resolve_eval_paths
 from .plots import loss_curves, plot_fewshot
-from .rundir import Result, open_run_dir, reuse
+from .rundir import Result, check_run_dir, clear_run_dir, resolved_config, resolved_name, reuse
 from .sweep.points import with_paths
 
 SCHEMA = "medmerge.fewshot/1"
@@ -56,7 +56,7 @@ class Scores(Strict):
     clinical_metrics: list[str]
 
 
-class Claim(Strict):
+class Claim(Finite):
     model: str = "merged"
     k: int = 64
     versus: str = "instruct"
@@ -69,7 +69,7 @@ class FewshotConfig(Strict):
     starts: dict[str, Union[Path, dict[str, Any]]]
     data: DataConfig
     k: list[int] = [16, 64, 256]
-    seed: int = 0
+    seed: Seed = 0
     training: TrainingSettings = TrainingSettings(max_steps=100, batch_size=16, lr=2e-3)
     lora: Optional[LoraSettings] = None
     chat_template: Optional[str] = None
@@ -151,11 +151,14 @@ def _model_for_eval(target: Path, start: Path, lora: bool) -> tuple[Path, Option
 def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force: bool = False,
         progress: bool = True) -> Result:
     """Run every start and k into OUT; return fewshot.json's contents, with fewshot.md as `.markdown`."""
-    out = open_run_dir(out, force, results=("fewshot.json", "fewshot.md"), stale=("starts", "runs", "eval"),
-                       what="few-shot run", inputs=config_inputs(config, overrides))
+    results, stale = ("fewshot.json", "fewshot.md"), ("starts", "runs", "eval")
+    inputs = experiment_inputs(config, overrides, "few-shot config")  # the config is read before OUT is looked at
+    out = check_run_dir(out, force, results, stale=stale, written=(resolved_name("fewshot"),),
+                        what="few-shot run", inputs=inputs)
     started = time.perf_counter()
     cfg, info = load(config, out, overrides, progress=progress)
-    (out / "fewshot.yml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    clear_run_dir(out, force, results, stale=stale)  # only now: a run refused above deletes nothing
+    resolved_config(out, "fewshot").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     eval_kwargs = cfg.eval.kwargs(cfg.seed)
     gen = eval_kwargs.pop("gen_kwargs")
 

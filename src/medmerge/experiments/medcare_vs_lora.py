@@ -34,12 +34,12 @@ from ..medcare.export import export
 from ..medcare.train import data_parts, load_run, run_stage1, run_stage2
 from ..runtime import resolve_device
 from ..settings import Strict, validated
-from ..training.config import LoraSettings, TrainingSettings
+from ..training.config import LoraSettings, Seed, TrainingSettings
 from ..training.trainer import RECORD, train
 from .analysis import flat_metrics
-from .config import EvalSettings, WorldSettings, config_inputs, read_experiment, resolve_eval_paths
+from .config import EvalSettings, WorldSettings, experiment_inputs, read_experiment, resolve_eval_paths
 from .plots import plot_training
-from .rundir import Result, open_run_dir, reuse
+from .rundir import Result, check_run_dir, clear_run_dir, resolved_config, resolved_name, reuse
 
 ARMS = ("start", "medcare", "medcare_stage1", "medcare_keep_noise", "lora", "full")
 
@@ -64,7 +64,7 @@ class ExperimentEval(EvalSettings):
 class MedCareExperiment(Strict):
     world: Optional[WorldSettings] = None
     model: Path
-    seed: int = 0
+    seed: Seed = 0
     chat_template: Optional[str] = None
     max_seq_length: int = Field(512, ge=8)
     knowledge: list[MedCareData] = Field(min_length=1)  # stage 1 only (with the alignment data)
@@ -177,11 +177,14 @@ def _evaluate(cfg: MedCareExperiment, arm: str, info: dict, out: Path) -> dict:
 
 def run(config: str | Path, out: str | Path, *, overrides=(), force: bool = False, progress: bool = True) -> Result:
     """Train and evaluate every arm into OUT; return results.json's contents, with the table as `.markdown`."""
-    out = open_run_dir(out, force, inputs=config_inputs(config, overrides))
+    inputs = experiment_inputs(config, overrides, "medcare experiment config")  # read before OUT is looked at
+    out = check_run_dir(out, force, written=(resolved_name("experiment"),), what="experiment run",
+                        inputs=inputs)
     started = time.perf_counter()
     cfg, meta = load(config, out, overrides)
-    (out / "experiment_config.yml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True),
-                                                              sort_keys=False))
+    clear_run_dir(out, force)  # only now: a run refused above deletes nothing
+    resolved_config(out, "experiment").write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True),
+                                                                 sort_keys=False))
 
     arms: dict[str, dict] = {"start": {"model": str(cfg.model)}} if "start" in cfg.arms else {}
     if any(a.startswith("medcare") for a in cfg.arms):

@@ -23,8 +23,10 @@ from typing import Optional
 
 from ..errors import InputError, OutputExistsError
 from ..evaluation.compare import fmt_score as _f
+from ..io.records import read_jsonl
 from ..io.writer import current_umask
 from .analysis import decoding_table
+from .rundir import resolved_name
 from .two_stage_lora import render as render_two_stage
 
 
@@ -39,13 +41,30 @@ class Section:
 
 def _read(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: cannot read it as JSON ({e}); re-run the step that wrote it") from None
+    if not isinstance(record, dict):
+        raise InputError(f"{path}: expected a JSON object (a record medmerge writes), not a {type(record).__name__}; "
+                         "re-run the step that wrote it, or move the file out of the run folder")
+    return record
 
 
 def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)  # a damaged line is an error naming the file and the line
+
+
+def _built(builder, file: Path | str, *args) -> list[Section]:
+    """`builder(*args)`, with a record that lacks what the section needs (an edited or foreign file, one from
+    another version) turned into an InputError naming the file and the key."""
+    try:
+        return builder(*args)
+    except KeyError as e:
+        what = f"it has no key {e}"
+    except (TypeError, AttributeError, IndexError, ValueError) as e:
+        what = f"a value has the wrong type or form ({type(e).__name__}: {e})"
+    raise InputError(f"{file}: not a complete record for the report ({what}); re-run the step that wrote it, or "
+                     "move the file out of the run folder") from None
 
 
 # --- sections ---------------------------------------------------------------------------------------------------------
@@ -123,7 +142,7 @@ def sweep_sections(folder: Path, run: Path) -> list[Section]:
             f"optuna {s['sampler']} over {s['methods']} with space {s['space']} (layer groups {s['layer_groups']}): "
             f"{s['completed']} completed trials of {s['trials']} in study {s['study']} ({s['storage']}), "
             f"workers {s['workers']}."]))
-    out.append(_config_section(f"Sweep configuration ({rel})", folder / "sweep.yml", summary.get("versions")))
+    out.append(_config_section(f"Sweep configuration ({rel})", _recorded_config(folder, "sweep"), summary.get("versions")))
     return out
 
 
@@ -147,7 +166,8 @@ def fewshot_sections(folder: Path, run: Path) -> list[Section]:
                           ("loss_curves.png", "Training loss of every few-shot run.")):
         if (folder / name).is_file():
             sec.images.append((folder / name, caption))
-    return [sec, _config_section(f"Few-shot configuration ({rel})", folder / "fewshot.yml", res.get("versions"))]
+    return [sec, _config_section(f"Few-shot configuration ({rel})", _recorded_config(folder, "fewshot"),
+                                 res.get("versions"))]
 
 
 def two_stage_sections(folder: Path, run: Path) -> list[Section]:
@@ -168,6 +188,12 @@ def decoding_sections(folder: Path, run: Path) -> list[Section]:
     return [sec]
 
 
+def _recorded_config(folder: Path, name: str) -> Path:
+    """The config a run recorded: NAME.resolved.yml, or NAME.yml in run folders written before it was renamed."""
+    new = folder / resolved_name(name)
+    return new if new.is_file() else folder / f"{name}.yml"
+
+
 def _config_section(title: str, config_file: Path, versions: Optional[dict]) -> Section:
     s = Section(title)
     if config_file.is_file():
@@ -179,20 +205,20 @@ def _config_section(title: str, config_file: Path, versions: Optional[dict]) -> 
 
 def collect(run: Path) -> list[Section]:
     """Every section the run folder supports, in reading order."""
-    sections = demo_sections(run)
+    sections = _built(demo_sections, run / "demo.json", run)
     found = sorted(p for p in run.rglob("*.json") if "cache" not in p.relative_to(run).parts
                    and "world" not in p.relative_to(run).parts[:1])
     for p in found:
         if p.name == "sweep_summary.json":
-            sections += sweep_sections(p.parent, run)
+            sections += _built(sweep_sections, f"{p} (or a row of its sweep.jsonl)", p.parent, run)
     for p in found:
         if p.name == "fewshot.json":
-            sections += fewshot_sections(p.parent, run)
+            sections += _built(fewshot_sections, p, p.parent, run)
     for p in found:
         if p.name == "results.json" and _schema(p) == "medmerge.two_stage_lora/1":
-            sections += two_stage_sections(p.parent, run)
+            sections += _built(two_stage_sections, p, p.parent, run)
         if p.name == "decoding.json":
-            sections += decoding_sections(p.parent, run)
+            sections += _built(decoding_sections, p, p.parent, run)
     return sections
 
 

@@ -29,12 +29,12 @@ from ..adapters.merge import merge_adapters
 from ..errors import ConfigError
 from ..evaluation import runner
 from ..settings import Strict, validated
-from ..training.config import DataConfig, LoraSettings, TrainConfig, TrainingSettings
+from ..training.config import DataConfig, Finite, LoraSettings, Seed, TrainConfig, TrainingSettings
 from ..training.trainer import RECORD, train
 from .analysis import DEFAULT_SETTINGS, decoding_grid, decoding_table, flat_metrics, reasoning_leakage
-from .config import EvalSettings, WorldSettings, config_inputs, read_experiment, resolve_eval_paths
+from .config import EvalSettings, WorldSettings, experiment_inputs, read_experiment, resolve_eval_paths
 from .plots import loss_curves
-from .rundir import Result, open_run_dir, reuse
+from .rundir import Result, check_run_dir, clear_run_dir, resolved_config, resolved_name, reuse
 
 
 class StageSettings(Strict):
@@ -45,7 +45,7 @@ class StageSettings(Strict):
     max_seq_length: int = Field(512, ge=8)
 
 
-class MergeSettings(Strict):
+class MergeSettings(Finite):
     w_pt: list[float] = [0.0, 0.1, 0.3, 0.5]  # w_SFT = 1 - w_PT
     method: str = "exact"
     density: Optional[float] = None
@@ -57,7 +57,7 @@ class PipelineEvalSettings(EvalSettings):
     table_metrics: list[str] = []  # TASK/METRIC columns of results.md (default: every metric)
 
 
-class DecodingSettings(Strict):
+class DecodingSettings(Finite):
     w_pt: float  # the merge to analyse
     settings: list[Any] = list(DEFAULT_SETTINGS)
 
@@ -65,7 +65,7 @@ class DecodingSettings(Strict):
 class TwoStageConfig(Strict):
     base: Path
     world: Optional[WorldSettings] = None
-    seed: int = 0
+    seed: Seed = 0
     lora: LoraSettings = LoraSettings()
     pt: StageSettings
     sft: StageSettings
@@ -110,10 +110,13 @@ def _label(w_pt: float) -> str:
 def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force: bool = False,
         progress: bool = True) -> Result:
     """Run the recipe into OUT; return the results (also OUT/results.json) with the table as `.markdown`."""
-    out = open_run_dir(out, force, inputs=config_inputs(config, overrides))
+    inputs = experiment_inputs(config, overrides, "pipeline config")  # the config is read before OUT is looked at
+    out = check_run_dir(out, force, written=(resolved_name("pipeline"),), what="pipeline run",
+                        inputs=inputs)
     started = time.perf_counter()
     cfg, info = load(config, out, overrides)
-    (out / "pipeline_config.yml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    clear_run_dir(out, force)  # only now: a run refused above deletes nothing
+    resolved_config(out, "pipeline").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
     stages = {"pt": _train_stage(cfg, "pt", cfg.pt, out, progress),
               "sft": _train_stage(cfg, "sft", cfg.sft, out, progress)}

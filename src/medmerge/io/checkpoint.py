@@ -87,6 +87,11 @@ def read_safetensors_header(file: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def _count(value) -> bool:
+    """A non-negative whole number as JSON gives it (an int, not a bool or a float)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def scan_safetensors(file: Path) -> dict[str, TensorRecord]:
     header, data_start = read_safetensors_header(file)
     size = file.stat().st_size
@@ -95,11 +100,20 @@ def scan_safetensors(file: Path) -> dict[str, TensorRecord]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise InputError(f"{file}: corrupt header entry for tensor {name!r}") from None
-        if dtype not in SAFETENSORS_DTYPES:
-            raise InputError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            raise InputError(f"{file}: tensor {name!r} has unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_count(d) for d in shape):
+            raise InputError(f"{file}: tensor {name!r} has shape {json.dumps(shape)} in its header, but a shape is "
+                             "a list of non-negative whole numbers; the file is corrupt: re-save or re-download it")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise InputError(f"{file}: tensor {name!r} has data_offsets {json.dumps(offsets)} in its header, but "
+                             "they are two non-negative whole numbers, begin <= end; the file is corrupt: re-save or "
+                             "re-download it")
+        shape, (begin, end) = tuple(shape), offsets
         expected = math.prod(shape) * itemsize(dtype)
         if end - begin != expected or begin < 0:
             raise InputError(
@@ -222,9 +236,13 @@ class Checkpoint:
         if not file.is_file():
             return {}
         try:
-            return json.loads(file.read_text())
-        except json.JSONDecodeError as e:
+            config = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InputError(f"{file}: invalid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise InputError(f"{file}: expected a JSON object (the model's settings: model_type, hidden_size, ...), "
+                             f"got a {type(config).__name__}; restore the config.json saved with the model")
+        return config
 
     def _scan(self, allow_pickle: bool) -> dict[str, TensorRecord]:
         index = self.path / INDEX_NAME
@@ -232,23 +250,35 @@ class Checkpoint:
             self.index_file = index
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise InputError(f"{index}: invalid index ({e}); it needs a 'weight_map'") from None
-            records = {}
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise InputError(f"{index}: invalid index: its 'weight_map' must map each tensor name to the file "
+                                 "that holds it; re-save the model or restore the index")
+            # only the shards the index names count, and each tensor is read from the shard it names
+            by_shard = {}
             for shard in sorted(set(weight_map.values())):
                 file = self.path / shard
                 if not file.is_file():
                     raise InputError(f"{index} names shard {shard}, which is missing from {self.path}")
-                records.update(scan_safetensors(file))
+                by_shard[shard] = scan_safetensors(file)
+            records = {}
             for name, shard in weight_map.items():
-                if name not in records or records[name].file.name != shard:
+                if name not in by_shard[shard]:
                     raise InputError(f"{index}: tensor {name!r} is mapped to {shard} but is not in that shard")
-            return {name: records[name] for name in weight_map}
+                records[name] = by_shard[shard][name]
+            return records
         shards = sorted(self.path.glob("*.safetensors"))
         if shards:
             records = {}
             for file in shards:
-                records.update(scan_safetensors(file))
+                for name, record in scan_safetensors(file).items():
+                    if name in records:
+                        raise InputError(
+                            f"{self.path}: tensor {name!r} is in both {records[name].file.name} and {file.name}, and "
+                            f"there is no {INDEX_NAME} to say which file is the model: move the stray file (a backup "
+                            "or another model's copy) out of the folder, or add an index naming the shards")
+                    records[name] = record
             return records
         pickles = sorted(p for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
@@ -270,6 +300,10 @@ class Checkpoint:
                 if tensor.dtype not in DTYPE_NAMES:
                     raise InputError(f"{file}: tensor {name!r} has unsupported dtype {tensor.dtype}; "
                                      "convert the checkpoint to one of " + ", ".join(map(str, DTYPE_NAMES)))
+                if name in records:
+                    raise InputError(f"{self.path}: tensor {name!r} is in both {records[name].file.name} and "
+                                     f"{file.name}: move the stray file (a backup or another model's copy) out of "
+                                     "the folder")
                 self._pickled[name] = tensor
                 nbytes = tensor.numel() * tensor.element_size()
                 records[name] = TensorRecord(name, file, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), 0, nbytes)

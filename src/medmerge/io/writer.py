@@ -35,13 +35,39 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_size(text: str) -> int:
-    """'5GB' -> 5_000_000_000 bytes; '512MiB' -> 536_870_912; a bare number is bytes."""
+def _bytes(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     unit = m.group(2).upper() if m else None
     if not m or unit not in _UNITS:
         raise InputError(f"cannot read size {text!r}: use bytes with a unit, e.g. 5GB, 500MB, 2GiB")
     return int(float(m.group(1)) * _UNITS[unit])
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000 bytes; '512MiB' -> 536_870_912; a bare number is bytes; 0 bytes is refused."""
+    size = _bytes(text)
+    if size < 1:
+        raise InputError(f"size {text!r} is 0 bytes; give a positive size with a unit, e.g. 5GB, 500MB, 2GiB")
+    return size
+
+
+MIN_SHARD_SIZE = 1000  # bytes: a smaller shard holds a few hundred numbers; "5" (meant 5GB) is a typo
+
+
+def shard_size(value: "int | str") -> int:
+    """The largest output shard in bytes, from '5GB' or a number of bytes; at least MIN_SHARD_SIZE.
+
+    A size below a kilobyte is a slip (0, '0.4' which is 0 bytes, or '5' meaning 5GB) that would
+    write one shard per tensor, so it is refused.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InputError(f"shard size {value!r}: give bytes with a unit, e.g. 5GB, 500MB, 2GiB; it must be at "
+                         "least 1KB")
+    size = value if isinstance(value, int) else _bytes(value)
+    if size < MIN_SHARD_SIZE:
+        raise InputError(f"shard size {value!r} is {max(size, 0):,} bytes, but a shard must be at least 1KB "
+                         "(a bare number is bytes: write 5GB, not 5; models are usually sharded at 1GB-5GB)")
+    return size
 
 
 @dataclass(frozen=True)
@@ -140,8 +166,26 @@ def _is_nonempty_dir(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
-def check_output(out: Path, force: bool, inputs: Iterable[Optional[PathLike]] = ()) -> None:
-    """Refuse an output that would overwrite without --force, or that is, holds or lies in an input."""
+def output_path(out: PathLike) -> Path:
+    """OUT as given, with `~` expanded (a quoted '~/merged' reaches us unexpanded, as the inputs do)."""
+    return Path(out).expanduser()
+
+
+def check_output(out: Path, force: bool, inputs: Iterable[Optional[PathLike]] = (), *, in_place: bool = False) -> None:
+    """Refuse an output that would overwrite without --force, that is, holds or lies in an input, or (unless
+    `in_place`: a folder written where it is, never renamed into place) that is a symbolic link."""
+    out = output_path(out)
+    try:
+        _check_output(out, force, inputs, in_place)
+    except OSError as e:  # a name too long, a symbolic-link loop, no permission to look: named, with the remedy
+        raise OutputError(describe_os_error(e, out)) from None
+
+
+def _check_output(out: Path, force: bool, inputs: Iterable[Optional[PathLike]], in_place: bool) -> None:
+    if out.is_symlink() and not in_place:
+        # the finished folder is renamed onto OUT, which would replace the link (and leave its target as it was)
+        raise OutputError(f"output {out} is a symbolic link (to {os.readlink(out)}); pass the folder it points to "
+                          f"({Path(os.path.realpath(out))}) or another path")
     check_not_input(out, inputs)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output {out} exists and is not a folder; choose another path")
@@ -175,7 +219,7 @@ def output_lock(out: Path) -> Iterator[None]:
     A second process that wants to write `out` at the same time is refused at once, naming the holder,
     instead of silently replacing the first one's output at the final rename.
     """
-    out = Path(out).absolute()
+    out = output_path(out).absolute()
     key = str(out)
     if key in _held:
         _held[key] += 1
@@ -275,7 +319,7 @@ def atomic_output_dir(out: Path, force: bool = False, inputs: Iterable[Optional[
     not the owner-only mode of a temporary folder. OS errors (disk full, read-only file system, no
     permission) become errors naming the path and the remedy.
     """
-    out = Path(out).absolute()
+    out = output_path(out).absolute()
     inputs = list(inputs)
     check_output(out, force, inputs)
     try:

@@ -15,9 +15,9 @@ from pydantic import Field, ValidationError, model_validator
 
 from ..errors import ConfigError
 from ..settings import Strict, apply_overrides, read_yaml, validation_message
-from ..training.config import DataConfig, TrainingSettings
+from ..training.config import DataConfig, Finite, Seed, TrainingSettings
 
-class AttentionSettings(Strict):
+class AttentionSettings(Finite):
     r: int = Field(16, ge=1)
     alpha: float = 32
     dropout: float = Field(0.05, ge=0, lt=1)
@@ -28,7 +28,7 @@ class AttentionSettings(Strict):
         return self.alpha / self.r
 
 
-class FFNSettings(Strict):
+class FFNSettings(Finite):
     target_modules: list[str] = ["gate_proj", "up_proj", "down_proj"]
     knowledge_rank: int = Field(32, ge=1)
     noise_experts: int = Field(8, ge=1)
@@ -49,7 +49,7 @@ class ModuleSettings(Strict):
     ffn: FFNSettings = FFNSettings()
 
 
-class AlignmentSettings(Strict):
+class AlignmentSettings(Finite):
     rank: int = Field(32, ge=1)
     lambda_: float = Field(0.5, ge=0, alias="lambda")  # NLL + lambda * sum |A_KA A_AM^T|_1
     keep_noise: bool = False  # ablation: keep the router and noise experts (trainable) in stage 2
@@ -64,7 +64,7 @@ class MedCareData(DataConfig):
 
 class _StageCommon(Strict):
     data: list[MedCareData] = Field(min_length=1)
-    seed: int = 0
+    seed: Seed = 0
     chat_template: Optional[str] = None
     max_seq_length: int = Field(512, ge=8)
     packing: bool = True

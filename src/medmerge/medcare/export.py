@@ -31,7 +31,8 @@ from ..io.checkpoint import Checkpoint
 from ..io.fingerprint import check_recorded_base, files_sha256
 from ..io.folders import check_model, dtype_name
 from ..io.stream import readback_problems, write_transformed
-from ..io.writer import atomic_output_dir, check_output, parse_size
+from ..io.writer import atomic_output_dir, check_output
+from ..io.writer import shard_size as shard_bytes
 from ..merging.provenance import RECORDED_LIBRARIES
 from ..runtime import library_versions, resolve_device
 from .model import CONFIG_FILE, WEIGHTS_FILE, read_run
@@ -71,6 +72,7 @@ def export(run: str | Path, out: str | Path, *, base: Optional[str | Path] = Non
     """Write the folded model to OUT; return the record also written to OUT/medmerge.yml."""
     run, out = Path(run).absolute(), Path(out).absolute()
     check_output(out, force, [run, base])  # never is, holds or lies inside the run or the base
+    max_shard = shard_bytes(shard_size)  # checked before any reading
     device = resolve_device(device)
     info, tensors = read_run(run)
     base_path = check_model(base or info["base"]["path"])
@@ -107,7 +109,7 @@ def export(run: str | Path, out: str | Path, *, base: Optional[str | Path] = Non
                     w = w + scale * (b.float() @ a.float())
                 return w
 
-            checksums = write_transformed(ckpt, tmp, fold, out_dtype=out_dtype, shard_size=parse_size(shard_size),
+            checksums = write_transformed(ckpt, tmp, fold, out_dtype=out_dtype, shard_size=max_shard,
                                           description="folding MedCare", metadata={"medmerge": "medcare export"},
                                           progress=progress)
             problems = readback_problems(tmp, checksums)

@@ -10,7 +10,8 @@ from typing import Optional, Union
 import torch
 
 from ..errors import ConfigError, MedmergeError
-from ..io.writer import OutTensor, ShardedWriter, atomic_output_dir, check_output, check_space, parse_size
+from ..io.writer import OutTensor, ShardedWriter, atomic_output_dir, check_output, check_space, output_path
+from ..io.writer import shard_size as shard_bytes
 from ..runtime import resolve_device
 from .config import MergeConfig, parse_config
 from .execute import StreamStats, stream_merge
@@ -83,13 +84,13 @@ def merge(
     Output goes to a temporary folder beside `out` and is moved into place only
     after it was written and checked; an existing `out` needs `force=True`.
     """
-    out = Path(out)
+    out = output_path(out)
+    size = shard_bytes(shard_size)
     check_output(out, force)
     if threads is not None:
         torch.set_num_threads(check_threads(threads))
     dev = torch.device(resolve_device(device))
     plan = load_plan(config, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    size = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
     inputs = [getattr(m, "path", None) for m in plan.models]
     check_output(out, force, inputs)  # never is, holds or lies inside an input model: --force would delete it
     check_space(out, sum(OutTensor(tp.name, tp.out_dtype, tp.shape).nbytes for tp in plan.tensors))

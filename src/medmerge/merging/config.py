@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ..errors import ConfigError
+from ..settings import load_yaml
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 UNSUPPORTED_KEYS = {
@@ -84,7 +85,7 @@ def parse_config(data: Union[dict, str, Path], source: str = "config") -> MergeC
         data = path.read_text()
     if isinstance(data, str):
         try:
-            data = yaml.safe_load(data)
+            data = load_yaml(data, source)
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: invalid YAML: {e}") from None
     if not isinstance(data, dict):

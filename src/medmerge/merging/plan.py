@@ -8,6 +8,7 @@ model, tensor names, shapes, layer counts, vocabulary sizes and dtypes.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Protocol
@@ -259,17 +260,51 @@ def _check_filters(config: MergeConfig, names: list[str]) -> None:
                 )
 
 
+def ref_key(ref: str) -> str:
+    """What two spellings of one model reference share: `~` expanded, `a/.`, `a/` and `x/../a` normalised.
+
+    (Symbolic links are followed once the folders are opened: `build_plan` compares their resolved paths.)
+    """
+    return os.path.normpath(os.path.expanduser(str(ref))) if str(ref) else str(ref)
+
+
+def ref_index(refs: list[str], ref: str) -> Optional[int]:
+    """The position of `ref` among `refs`, however it is spelled (`ref_key`), or None."""
+    key = ref_key(ref)
+    return next((i for i, r in enumerate(refs) if ref_key(r) == key), None)
+
+
 def input_refs(config: MergeConfig) -> tuple[list[str], Optional[int]]:
-    """Input model references in order, and the base's position (mergekit appends a missing base)."""
+    """Input model references in order, and the base's position (mergekit appends a missing base).
+
+    The base is one of the listed models when it names the same folder, however it is spelled
+    (`base/` and `base`).
+    """
     refs = [m.model for m in config.models]
     base = None
     if config.base_model is not None:
-        if config.base_model in refs:
-            base = refs.index(config.base_model)
-        else:
+        base = ref_index(refs, config.base_model)
+        if base is None:
             refs.append(config.base_model)
             base = len(refs) - 1
     return refs, base
+
+
+def _check_distinct(refs: list[str], models: list[ModelSource], listed: int) -> None:
+    """Each input once: no two references that spell, or resolve to (symlinks), the same folder."""
+    keys = [ref_key(r) for r in refs]
+    paths = [getattr(m, "path", None) for m in models]
+    for j in range(len(refs)):
+        for i in range(j):
+            if keys[i] == keys[j]:
+                raise ConfigError(f"the same model is listed twice in `models` ({refs[i]!r} and {refs[j]!r}); "
+                                  "list each input once")
+            if paths[i] is not None and paths[j] is not None and Path(paths[i]).resolve() == Path(paths[j]).resolve():
+                which = "`base_model`" if j >= listed else "`models`"
+                raise ConfigError(
+                    f"{refs[i]!r} and {refs[j]!r} (in {which}) are the same folder ({Path(paths[i]).resolve()}); "
+                    "list each input once, and give `base_model` exactly as it is spelled in `models` when it is "
+                    "one of them")
 
 
 def open_models(refs: list[str], allow_pickle: bool = False, relative_to: Optional[Path] = None) -> list[Checkpoint]:
@@ -291,8 +326,7 @@ def build_plan(
     problem = check_counts(method.spec, len(refs), has_base)
     if problem:
         raise ConfigError(problem)
-    if len(set(refs)) != len(refs):
-        raise ConfigError("the same model is listed twice in `models`; list each input once")
+    _check_distinct(refs, models, len(config.models))
     method_base = base if has_base else None
     reference = base if base is not None else 0
     _check_architectures(models, refs, reference)
@@ -379,7 +413,15 @@ def _check_architectures(models: list[ModelSource], refs: list[str], reference: 
 
 def _layer_count(models: list[ModelSource], refs: list[str], reference: int) -> int:
     """The layer count all inputs share, from config.json (else the tensor names)."""
-    layer_counts = [arch.num_layers(m.config, m.records) for m in models]
+    layer_counts = []
+    for m, ref in zip(models, refs):
+        try:
+            layer_counts.append(arch.num_layers(m.config, m.records))
+        except arch.LayerCountError as e:
+            path = getattr(m, "path", None)
+            where = f"{Path(path) / 'config.json'}" if path is not None else f"the config of {ref}"
+            raise InputError(f"{where}: {e}; fix config.json to the number of layers the model's weights hold "
+                             "(or use the config.json saved with these weights)") from None
     if len(set(layer_counts)) > 1:
         detail = ", ".join(f"{r}: {n}" for r, n in zip(refs, layer_counts))
         raise InputError(f"input models have different numbers of layers ({detail}); merge models of one architecture")
@@ -434,9 +476,10 @@ def _vocab_alignment(config: MergeConfig, models: list[ModelSource], refs: list[
         return None
     source = config.tokenizer_source
     if source not in ("base", "union"):
-        if source not in refs:
+        index = ref_index(refs, source)
+        if index is None:
             raise ConfigError(f"tokenizer_source {source!r} is neither `base`, `union` nor one of the input models")
-        source = str(refs.index(source))
+        source = str(index)
     paths = [getattr(m, "path", None) for m in models]
     if any(p is None for p in paths):
         raise ConfigError("tokenizer_source needs model folders with tokenizers, not in-memory state dicts")

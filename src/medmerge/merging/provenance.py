@@ -13,7 +13,7 @@ from ..io.folders import copy_support_files as copy_files
 from ..io.folders import dtype_name, with_dtype, write_config
 from ..runtime import library_versions
 from .config import MergeConfig
-from .plan import MergePlan
+from .plan import MergePlan, ref_index
 
 PROVENANCE_KEY = "provenance"
 RECORDED_LIBRARIES = ("torch", "transformers", "safetensors")
@@ -49,14 +49,14 @@ def resolved_config(plan: MergePlan) -> dict:
         ],
     }
     if cfg.base_model is not None:
-        out["base_model"] = paths[plan.model_refs.index(cfg.base_model)]
+        out["base_model"] = paths[ref_index(plan.model_refs, cfg.base_model)]
     out["parameters"] = params
     floats = [tp.out_dtype for tp in plan.tensors if tp.mergeable]
     out["dtype"] = cfg.dtype
     out["out_dtype"] = cfg.out_dtype or (dtype_name(floats[0]) if floats else None)
     if cfg.tokenizer_source is not None:
         src = cfg.tokenizer_source
-        out["tokenizer_source"] = src if src in ("base", "union") else paths[plan.model_refs.index(src)]
+        out["tokenizer_source"] = src if src in ("base", "union") else paths[ref_index(plan.model_refs, src)]
     out["random_seed"] = plan.seed
     return {k: v for k, v in out.items() if v is not None}
 

@@ -15,6 +15,7 @@ from ..errors import InputError
 from ..io.checkpoint import Checkpoint
 from ..io.fingerprint import sha256_file
 from ..runtime import track
+from ..settings import load_yaml
 from .compute import all_finite, merge_tensor, row_chunks
 from .config import parse_config
 from .execute import CHUNK_ELEMENTS
@@ -200,7 +201,18 @@ def verify(
     record_file = folder / "medmerge.yml"
     if not record_file.is_file():
         raise InputError(f"{folder} has no medmerge.yml: only folders written by `medmerge merge` can be verified")
-    doc, provenance = split_provenance(yaml.safe_load(record_file.read_text()))
+    try:
+        doc = load_yaml(record_file.read_text(), record_file)
+    except yaml.YAMLError as e:
+        raise InputError(f"{record_file}: not valid YAML ({e}); it is the merge's record: re-run the merge") from None
+    if not isinstance(doc, dict):
+        kind = "empty" if doc is None else f"a {type(doc).__name__}"
+        raise InputError(f"{record_file}: the merge's record is {kind}, not a mapping with merge_method and models "
+                         "(it was edited or damaged); re-run the merge, or restore medmerge.yml from a copy")
+    doc, provenance = split_provenance(doc)
+    if not isinstance(provenance, dict):
+        raise InputError(f"{record_file}: `provenance` is a {type(provenance).__name__}, not the mapping medmerge "
+                         "writes; re-run the merge")
     config = parse_config(doc, source=str(record_file))
     refs, _ = input_refs(config)
     models = open_models(refs, allow_pickle=allow_pickle)

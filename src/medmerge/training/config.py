@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
 from ..settings import Strict, apply_overrides, read_yaml, validation_message
+
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
+# A random seed: every config that takes one (training, MedCare, sweeps, few-shot, pipelines) checks it up front.
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX, strict=True)]
+
+
+class Finite(Strict):
+    """A config section whose floats must be finite numbers (.inf or .nan trains a NaN model)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
 
 class DataConfig(Strict):
@@ -26,15 +36,16 @@ class DataConfig(Strict):
     prompt_template: Optional[str] = None  # e.g. "Findings: {findings}\nImpression:" built from columns
 
 
-class LoraSettings(Strict):
+class LoraSettings(Finite):
     r: int = Field(16, ge=1)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                      min_length=1)  # [] would make PEFT look for other targets and fail
     rslora: bool = False
 
 
-class TrainingSettings(Strict):
+class TrainingSettings(Finite):
     @model_validator(mode="after")
     def _steps(self):
         if self.max_steps == 0:
@@ -59,11 +70,11 @@ class TrainingSettings(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class TrainConfig(Strict):
+class TrainConfig(Finite):
     stage: Literal["pt", "sft"]
     model: Path  # the base model folder (never an adapter)
     data: DataConfig
-    seed: int = 0
+    seed: Seed = 0
     k_shot: Optional[int] = Field(None, ge=1)
     lora: Optional[LoraSettings] = None
     after_adapter: Optional[Path] = None  # a first-stage adapter: the new adapter is fresh, never a resumed one

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import random
+import string
 from collections import defaultdict
 from typing import Optional, Sequence
 
 import torch
 
-from ..io.records import DataError, read_table, require_columns
+from ..errors import ConfigError
+from ..io.records import DataError, read_table, read_text, require_columns
+from ..runtime import note
 from .config import NAMED_TEMPLATES, DataConfig, TrainConfig
 
 IGNORE = -100
@@ -22,7 +25,7 @@ def read_records(cfg: DataConfig) -> list[dict]:
     if fmt == "auto":
         fmt = {".txt": "text", ".text": "text", ".md": "text"}.get(path.suffix.lower(), "table")
     if fmt == "text":
-        rows = [{cfg.text: line.rstrip("\n")} for line in open(path, encoding="utf-8") if line.strip()]
+        rows = [{cfg.text: line} for line in read_text(path).split("\n") if line.strip()]
         if not rows:
             raise DataError(f"training data {path} holds no text (one document per non-empty line)")
         return rows
@@ -43,11 +46,45 @@ def check_columns(rows: list[dict], cfg: TrainConfig) -> None:
         needed.append(d.label)
     require_columns(rows, needed, d.path)
     if d.prompt_template:
-        try:
-            d.prompt_template.format(**rows[0])
-        except KeyError as e:
-            raise DataError(f"{d.path}: prompt_template names column {e} which record 1 does not have "
-                            f"(columns found: {', '.join(sorted(rows[0]))})")
+        fields = template_fields(d.prompt_template)
+        for i, row in enumerate(rows):
+            missing = [f for f in fields if f not in row]
+            if missing:
+                raise DataError(f"{d.path}, record {i + 1}: data.prompt_template names column(s) "
+                                f"{', '.join(map(repr, missing))} which it does not have (columns found: "
+                                f"{', '.join(sorted(map(str, row)))})")
+            try:
+                d.prompt_template.format(**row)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+                raise DataError(f"{d.path}, record {i + 1}: data.prompt_template {d.prompt_template!r} cannot be "
+                                f"filled in ({type(e).__name__}: {e}); keep to plain {{column}} fields") from None
+
+
+TEMPLATE_HELP = ("name columns in braces, e.g. 'Findings: {findings}\\nImpression:', and write a literal brace "
+                 "as {{ or }}")
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a prompt_template fills in; a template str.format cannot use is a ConfigError naming it."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ConfigError(f"data.prompt_template {template!r} is not a valid template ({e}); {TEMPLATE_HELP}") from None
+    fields = []
+    for _, name, spec, _ in parsed:
+        if name is None:
+            continue
+        if name == "" or name.isdigit():
+            raise ConfigError(f"data.prompt_template {template!r} has a positional field {{{name}}}; fields are "
+                              f"column names: {TEMPLATE_HELP}")
+        if any(c in name for c in ".[]"):
+            raise ConfigError(f"data.prompt_template {template!r}: field {{{name}}} is not a plain column name "
+                              f"(attribute and index access are not supported); {TEMPLATE_HELP}")
+        if spec and "{" in spec:
+            raise ConfigError(f"data.prompt_template {template!r}: field {{{name}:{spec}}} nests a field in its "
+                              f"format spec; {TEMPLATE_HELP}")
+        fields.append(name)
+    return list(dict.fromkeys(fields))
 
 
 def k_shot_order(rows: Sequence[dict], seed: int, label: Optional[str] = None) -> list[int]:
@@ -177,19 +214,35 @@ def build_examples(tokenizer, rows: list[dict], cfg: TrainConfig) -> tuple[list[
         truncated = 0
     else:
         template = template_for(tokenizer, cfg)
-        examples, truncated = [], 0
-        for msgs in conversations(rows, cfg):
+        examples, truncated, untrained = [], 0, []
+        for i, msgs in enumerate(conversations(rows, cfg)):
             ex = sft_example(tokenizer, template, msgs, block + 1)
             if len(ex["input_ids"]) > block:
                 truncated += 1
                 ex = {"input_ids": ex["input_ids"][:block], "labels": ex["labels"][:block]}
+            if all(t == IGNORE for t in ex["labels"]):
+                # the prompt alone fills max_seq_length: a step on it trains nothing and logs loss 0
+                untrained.append(i + 1)
+                continue
             examples.append(ex)
+        if untrained:
+            shown = ", ".join(map(str, untrained[:5])) + (", ..." if len(untrained) > 5 else "")
+            if not examples:
+                raise DataError(f"{cfg.data.path}: no example has a response token left within max_seq_length={block} "
+                                f"(in all {len(untrained)}, the prompt alone fills it); raise max_seq_length or "
+                                "shorten the prompts")
+            which = f"number(s) {shown} of the k_shot={cfg.k_shot} subset" if cfg.k_shot else f"record(s) {shown}"
+            note(f"{cfg.data.path}: left out {len(untrained)} of {len(rows)} example(s) ({which}) whose prompt alone "
+                 f"fills max_seq_length={block}, so no response token would be trained; raise max_seq_length to "
+                 "keep them (the count is recorded as data.no_trained_token)")
     trained = sum(sum(1 for t in ex["labels"] if t != IGNORE) for ex in examples)
     if trained == 0:
         raise DataError(f"{cfg.data.path}: no token to train on after masking and truncation "
                         f"(max_seq_length={block}); raise max_seq_length")
     stats = {"examples": len(examples), "tokens": sum(len(ex["input_ids"]) for ex in examples),
              "trained_tokens": trained, "truncated": truncated}
+    if cfg.stage == "sft" and untrained:
+        stats["no_trained_token"] = len(untrained)  # examples left out (only when some were: records stay comparable)
     return examples, stats
 
 

@@ -292,6 +292,31 @@ def train(cfg: TrainConfig, out: str | Path, *, force: bool = False, resume: boo
                       main=main)
 
 
+def check_finite_weights(model, out: Path, work: Path, loss: Optional[float]) -> None:
+    """Refuse to write a model whose trained weights hold NaN or inf (a learning rate or weight decay that diverged).
+
+    Only the trained tensors can have changed (the adapter's, or all of a full fine-tune's). The run's
+    checkpoints are removed: resuming would continue the diverged run.
+    """
+    bad, total = [], 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            total += 1
+            if not bool(torch.isfinite(param).all()):
+                bad.append(name)
+    if not bad:
+        return
+    shutil.rmtree(work, ignore_errors=True)
+    shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+    loss_said = f" (reported training loss {loss})" if loss is not None else ""
+    raise MedmergeError(f"training diverged: {len(bad)} of {total} trained tensor(s) hold NaN or infinite values "
+                        f"({shown}){loss_said}; nothing was written to {out} and the run's checkpoints were removed. "
+                        "Lower training.lr (or training.weight_decay), keep training.max_grad_norm > 0, or use "
+                        "float32 instead of bf16")
+
+
 def _train(cfg: TrainConfig, out: Path, *, force, resume, progress, callbacks, data_parts, build_model, save_model,
            trainer_class, record_extra, log_keys, inputs, main) -> TrainResult:
     from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed  # deferred: seconds to import
@@ -355,6 +380,7 @@ def _train(cfg: TrainConfig, out: Path, *, force, resume, progress, callbacks, d
     tokens = trainer.state.num_input_tokens_seen
     if not trainer.is_world_process_zero():
         return TrainResult(out, trainer.state.global_step, output.training_loss, seconds, tokens / max(seconds, 1e-9))
+    check_finite_weights(model, out, work, output.training_loss)
     rows_logged = read_log(log.path) if log.path.exists() else []
     record = {
         "stage": cfg.stage,

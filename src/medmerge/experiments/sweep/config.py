@@ -31,6 +31,7 @@ from pydantic import Field, model_validator
 from ...errors import ConfigError, InputError
 from ...io.paths import safe_name
 from ...settings import Strict, validated
+from ...training.config import Seed
 from ..config import EvalSettings, WorldSettings, read_experiment, resolve_eval_paths
 from .points import Point, Roles, check_point, expand_grid
 
@@ -42,7 +43,7 @@ class RoleNames(Strict):
 
 class SweepEval(EvalSettings):
     subset: Optional[int] = Field(None, ge=1)  # a fixed, seeded dev subset of N documents per task
-    batch_size: int = 16
+    batch_size: int = Field(16, ge=1)
 
 
 class Scores(Strict):
@@ -101,7 +102,7 @@ class SweepConfig(Strict):
     select: Select = Select()
     halving: Optional[Halving] = None
     search: Optional[Search] = None
-    seed: int = 0
+    seed: Seed = 0
     dtype: Optional[str] = None  # the loaded model's and the merges' dtype (default float32)
     device: str = "auto"
 

@@ -13,6 +13,7 @@ Outputs in DIR:
 - `sweep_summary.json`: references, the Pareto front, the best point under the
   constraint, successive-halving rungs and rank agreement, counts, versions;
 - `sweep.md`, `pareto.png`, `scores_vs_t.png`;
+- `sweep.resolved.yml`: the config as run (never written over the config file, which may be kept in DIR);
 - `cache/`: one JSON file per (point, task, documents, generation settings).
 """
 
@@ -30,8 +31,8 @@ from ...io.paths import under
 from ...io.writer import check_output
 from ...merging import merge
 from ...runtime import track
-from ..config import config_inputs
-from ..rundir import Result, open_run_dir
+from ..config import experiment_inputs
+from ..rundir import Result, check_run_dir, clear_run_dir, resolved_config, resolved_name
 from .config import Search, SweepConfig, check_sweep, load_config
 from .evaluator import SweepEvaluator
 from .halving import successive_halving
@@ -63,14 +64,18 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
     """
     overrides = list(overrides) + ([f"eval.limit={limit}"] if limit is not None else []) \
         + ([f"eval.subset={subset}"] if subset is not None else [])
-    inputs = config_inputs(config, overrides)
-    if export_best is not None:  # before any work: the export must not be, hold or lie in the run or an input
-        check_output(Path(export_best).absolute(), export_force, [out, *inputs])
-    out = open_run_dir(out, force, results=(), stale=("cache",), inputs=inputs)
-    started = time.perf_counter()
-    cfg, info = load_config(config, out, overrides, progress=progress)
     if search not in (None, "grid", "optuna"):
         raise ConfigError(f"--search must be optuna (or grid), not {search!r}")
+    if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int) or trials < 1):
+        raise ConfigError(f"--trials {trials!r}: use a whole number of trials >= 1")
+    inputs = experiment_inputs(config, overrides, "sweep config")  # the config is read before OUT is looked at
+    if export_best is not None:  # before any work: the export must not be, hold or lie in the run or an input
+        check_output(Path(export_best).absolute(), export_force, [out, *inputs])
+    out = check_run_dir(out, force, results=(), stale=("cache",), what="sweep",
+                        written=(resolved_name("sweep"), "sweep_summary.json", "sweep.md"),
+                        inputs=inputs)
+    started = time.perf_counter()
+    cfg, info = load_config(config, out, overrides, progress=progress)
     if search == "optuna":
         if cfg.search is None:
             cfg.search = Search()
@@ -85,7 +90,8 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
         raise ConfigError(f"{config}: grid: is empty (or pass --search optuna with a search: section)")
     if search == "optuna":  # a bad --storage / search.storage (scheme, driver, sqlite folder) is refused now too
         check_storage(cfg.search.storage)
-    under(out, "sweep.yml", what="sweep record").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    clear_run_dir(out, force, results=(), stale=("cache",))  # only now: a sweep refused above deletes nothing
+    resolved_config(out, "sweep").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     ev = open_evaluator(cfg, out, cache)
     scorer = Scorer(cfg, ev)
     base_sel = ev.selection(**ev.base_selection)

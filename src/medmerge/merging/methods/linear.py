@@ -25,6 +25,30 @@ def linear(x: TensorInputs, p: dict) -> torch.Tensor:
     return result
 
 
+# With normalize: true only the ratios of the weights matter, but they are applied as they are, in
+# float32: below this magnitude a weight times a model value underflows (1e-45 is a subnormal float32,
+# and 1e-45 / 2e-45 are not even in the ratio 1 : 2 there), so the result is not the weighted mean.
+SMALLEST_WEIGHT = 1e-30
+
+
+def _weights_check(g: dict, models: list) -> str | None:
+    """With normalize, every non-zero weight and their sum must be large enough to compute with in float32."""
+    if not g.get("normalize"):
+        return None
+    weights = [(ref, p["weight"]) for ref, p in models]
+    for ref, w in weights:
+        if w != 0 and abs(w) < SMALLEST_WEIGHT:
+            return (f"linear: the weight {w:g} of model {ref} is too small to compute with in float32 (weights are "
+                    f"applied as given, and below {SMALLEST_WEIGHT:g} their products with the model's values "
+                    "underflow); with normalize: true only their ratios matter, so scale all weights up by the same "
+                    "factor (e.g. 1 and 1 instead of 1e-45 and 1e-45)")
+    total = sum(w for _, w in weights)
+    if total != 0 and abs(total) < SMALLEST_WEIGHT:
+        return (f"linear: the weights sum to {total:g}, which is too close to 0 to normalize by in float32 "
+                "(they cancel); set `normalize: false` or change the weights")
+    return None
+
+
 METHOD = MergeMethod(
     MethodSpec(
         name="linear",
@@ -34,6 +58,7 @@ METHOD = MergeMethod(
         ),
         base="ignored",
         elementwise=lambda g, m: True,
+        check=_weights_check,
         formula="W = sum_i w_i W_i / (sum_i w_i if normalize else 1)",
         reference="https://arxiv.org/abs/2203.05482",
     ),
