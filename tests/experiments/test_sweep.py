@@ -58,6 +58,10 @@ def test_grid_is_cached_extended_and_rerun_without_recomputing(family, tmp_path,
     for r in rows:
         assert set(r["tasks"]) == {"tiny_follow", "tiny_clinic"} and r["if_score"] is not None
     # the endpoints of the interpolation are the references themselves
+    # mergeability: how far each model moved from the base, and the cosine of the moves
+    tv = first["task_vectors"]
+    assert set(tv["models"]) == {"instruct", "clinical"} and tv["models"]["instruct"]["all"]["relative_norm"] > 0
+    assert -1 <= tv["cosines"][0]["all"] <= 1 and "Mergeability" in (out / "sweep.md").read_text()
     assert rows[2]["tasks"] == rows[0]["tasks"] and rows[4]["tasks"] == rows[1]["tasks"]
 
     counted.clear()

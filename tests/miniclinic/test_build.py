@@ -30,6 +30,19 @@ def test_quick_world_summary_and_models(built):
         record = json.loads((out / "models" / name / "medmerge_train.json").read_text())
         assert record["kind"] == "full_model" and record["result"]["steps"] > 0
         assert (out / "eval" / name / "results.json").is_file()
+    # the regime: each model's move from its parent, checked here against a direct computation
+    from safetensors.torch import load_file
+
+    tv = summary["task_vectors"]
+    assert {n: r["parent"] for n, r in tv["relative_norm"].items()} == {
+        "base": "init", "instruct": "base", "clinical": "base", "instruct_ft": "instruct"}
+    base, inst = (load_file(str(out / "models" / n / "model.safetensors")) for n in ("base", "instruct"))
+    body = [k for k in base if "embed_tokens" not in k and "lm_head" not in k]
+    delta = torch.cat([(inst[k].double() - base[k].double()).flatten() for k in body]).norm()
+    parent = torch.cat([base[k].double().flatten() for k in body]).norm()
+    assert tv["relative_norm"]["instruct"]["non_embedding"] == pytest.approx(float(delta / parent), rel=1e-9)
+    assert -1 <= tv["cosine_instruct_clinical"]["non_embedding"] <= 1
+    assert "non-embedding delta" in (out / "summary.md").read_text()
 
 
 def test_models_load_generate_and_share_one_base(built):

@@ -22,8 +22,6 @@ from itertools import combinations
 from pathlib import Path
 from typing import Mapping, Optional
 
-import torch
-
 from ..errors import InputError
 from ..io.checkpoint import Checkpoint
 from .architecture import vocab_axis

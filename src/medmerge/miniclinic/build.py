@@ -34,6 +34,7 @@ import torch
 from ..errors import MedmergeError
 from ..evaluation.runner import evaluate
 from ..io.writer import atomic_output_dir, check_output
+from ..merging.deltas import REAL_LLM_RELATIVE_NORM, task_vectors
 from ..training.config import load_config
 from ..training.trainer import train
 from . import world
@@ -156,6 +157,34 @@ def evaluate_models(out: Path, s: Schedule, models=MODELS, progress: bool = True
     return scores
 
 
+def measure_deltas(models: Path, init: Path) -> dict:
+    """Each model's move from its parent (relative norms, non-embedding and embedding apart) and the cosine
+    between the instruct and clinical task vectors: the regime that decides whether merges can work."""
+    parents = {"base": init, "instruct": models / "base", "clinical": models / "base", "instruct_ft": models / "instruct"}
+    fine_tunes = task_vectors(models / "base", {"instruct": models / "instruct", "clinical": models / "clinical"})
+    rows = {"base": task_vectors(init, {"base": models / "base"})["models"]["base"],
+            **fine_tunes["models"],
+            "instruct_ft": task_vectors(models / "instruct", {"instruct_ft": models / "instruct_ft"})["models"]["instruct_ft"]}
+    out = {name: {"parent": parents[name].name, **{g: rows[name][g]["relative_norm"] for g in ("non_embedding", "embedding")}}
+           for name in MODELS}
+    (cos,) = fine_tunes["cosines"]
+    return {"relative_norm": out, "cosine_instruct_clinical": {g: cos[g] for g in ("non_embedding", "embedding", "all")},
+            "real_llm_relative_norm": REAL_LLM_RELATIVE_NORM}
+
+
+def render_deltas(deltas: dict) -> str:
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    lines = ["| model | parent | non-embedding delta | embedding delta |", "|---|---|---|---|"]
+    for name, row in deltas["relative_norm"].items():
+        lines.append(f"| {name} | {row['parent']} | {pct(row['non_embedding'])} | {pct(row['embedding'])} |")
+    c = deltas["cosine_instruct_clinical"]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines += ["", f"Cosine between the instruct and clinical task vectors: {fmt(c['non_embedding'])} (non-embedding), "
+              f"{fmt(c['embedding'])} (embedding). A real LLM fine-tune moves its non-embedding weights by about "
+              f"{pct(deltas['real_llm_relative_norm'])}."]
+    return "\n".join(lines)
+
+
 def render_table(summary: dict) -> str:
     lines = ["| model | IF prompt-level strict | IF instruction-level strict | clinical MCQ acc "
              "| findings->impression ROUGE-L | BLEU-4 |", "|---|---|---|---|---|---|"]
@@ -211,6 +240,7 @@ def build(out: str | Path, preset: str = "quick", seed: int = 0, *, force: bool 
                             "response": "impression"},
                            s.ft_steps, s.ft_lr, s, models / "instruct_ft", seed, progress))
         timings["train"] = round(time.perf_counter() - t0, 1)
+        deltas = measure_deltas(models, init)
         shutil.rmtree(work)
         t0 = time.perf_counter()
         scores = evaluate_models(tmp, s, progress=progress)
@@ -218,11 +248,11 @@ def build(out: str | Path, preset: str = "quick", seed: int = 0, *, force: bool 
         timings["total"] = round(time.perf_counter() - started, 1)
         summary = {
             "preset": preset, "seed": seed, "code_version": code_version(), "schedule": asdict(s),
-            "world": info, "training": runs, "scores": scores, "timings_s": timings,
+            "world": info, "training": runs, "scores": scores, "task_vectors": deltas, "timings_s": timings,
             "threads": s.threads,
         }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (tmp / "summary.md").write_text(render_table(summary) + "\n")
+        (tmp / "summary.md").write_text(render_table(summary) + "\n\n" + render_deltas(deltas) + "\n")
     if use_cache:
         cached.parent.mkdir(parents=True, exist_ok=True)
         partial = cached.with_name(cached.name + ".partial")

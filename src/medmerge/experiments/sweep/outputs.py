@@ -8,6 +8,8 @@ from pathlib import Path
 
 from ...evaluation.compare import fmt_score as _f
 from ...evaluation.runner import RECORDED_LIBRARIES
+from ...merging.deltas import render_markdown as render_task_vectors
+from ...merging.deltas import task_vectors
 from ...runtime import library_versions
 from ..plots import plot_pareto, plot_vs_t
 from .config import SweepConfig
@@ -57,13 +59,22 @@ def summarize(cfg, info, ev, scorer, rows, refs, halving, search_info, started) 
         "points": len(rows) - len(refs), "pareto": front,
         "select": {**cfg.select.model_dump(), "if_reference": gen_ref,
                    "rule": _rule_text(cfg, gen_ref)},
-        "best": best, "halving": halving, "search": search_info,
+        "best": best, "halving": halving, "search": search_info, "task_vectors": _task_vectors(cfg),
         "evaluations": {"run": ev.stats.evaluated, "cached": ev.stats.cached, "merges": ev.stats.merges,
                         "merge_seconds": round(ev.stats.merge_seconds, 2),
                         "eval_seconds": round(ev.stats.eval_seconds, 2)},
         "seed": cfg.seed, "device": ev.device, "dtype": ev.dtype, "versions": library_versions(*RECORDED_LIBRARIES),
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
+
+
+def _task_vectors(cfg: SweepConfig):
+    """How far the domain and general models moved from the base, and the cosine of their moves (None
+    when the sweep has no base model)."""
+    roles = cfg.roles
+    if roles.base not in cfg.models:
+        return None
+    return task_vectors(cfg.models[roles.base], {r: cfg.models[r] for r in (roles.general, roles.domain)})
 
 
 def _rule_text(cfg: SweepConfig, gen_ref) -> str:
@@ -111,6 +122,8 @@ def render_markdown(rows: list[dict], summary: dict) -> str:
             f"{_f(a['kendall_tau'], 2)}, Spearman {_f(a['spearman'], 2)}"
             + (f"; top-1 {'agrees' if a.get('top1_agrees') else 'differs'} ({a.get('cheap_top')} vs {a.get('full_top')})"
                if "cheap_top" in a else "") + "."]
+    if summary.get("task_vectors"):
+        lines += ["", "## Mergeability", "", render_task_vectors(summary["task_vectors"])]
     e = summary["evaluations"]
     lines += ["", f"Evaluations run {e['run']}, from cache {e['cached']}; merges {e['merges']} "
               f"({e['merge_seconds']} s), evaluation {e['eval_seconds']} s; wall {summary['wall_time_s']} s."]
