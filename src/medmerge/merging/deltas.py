@@ -22,6 +22,8 @@ from itertools import combinations
 from pathlib import Path
 from typing import Mapping, Optional
 
+from tqdm import tqdm
+
 from ..errors import InputError
 from ..io.checkpoint import Checkpoint
 from .architecture import vocab_axis
@@ -51,11 +53,7 @@ def task_vectors(parent: str | Path, models: Mapping[str, str | Path], *, progre
     counted = dict.fromkeys(GROUPS, 0)
     skipped: dict[str, str] = {}
     tensors = sorted(p.records)
-    iterator = tensors
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(tensors, desc="task vectors", unit="tensor")
+    iterator = tqdm(tensors, desc="task vectors", unit="tensor") if progress else tensors
     for tensor in iterator:
         rec = p.records[tensor]
         if not rec.torch_dtype.is_floating_point:
