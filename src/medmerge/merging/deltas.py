@@ -106,28 +106,28 @@ def task_vectors(parent: str | Path, models: Mapping[str, str | Path], *, progre
             "cosines": pairs, "skipped": skipped, "real_llm_relative_norm": REAL_LLM_RELATIVE_NORM}
 
 
-def _pct(v: Optional[float]) -> str:
+def fmt_pct(v: Optional[float]) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
-def _cos(v: Optional[float]) -> str:
+def fmt_cos(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
 def render_markdown(report: dict) -> str:
     """The norms and cosines as markdown tables, with the real-LLM figure for scale."""
     lines = [f"Task vectors from `{report['parent']}` (relative Frobenius norm of model - parent; a real LLM "
-             f"fine-tune moves its non-embedding weights by about {_pct(report['real_llm_relative_norm'])}).", "",
+             f"fine-tune moves its non-embedding weights by about {fmt_pct(report['real_llm_relative_norm'])}).", "",
              "| model | non-embedding delta | embedding delta | all |", "|---|---|---|---|"]
     for name, s in report["models"].items():
-        lines.append(f"| {name} | {_pct(s['non_embedding']['relative_norm'])} | "
-                     f"{_pct(s['embedding']['relative_norm'])} | {_pct(s['all']['relative_norm'])} |")
+        lines.append(f"| {name} | {fmt_pct(s['non_embedding']['relative_norm'])} | "
+                     f"{fmt_pct(s['embedding']['relative_norm'])} | {fmt_pct(s['all']['relative_norm'])} |")
     if report["cosines"]:
         lines += ["", "| task vectors | cosine (non-embedding) | cosine (embedding) | cosine (all) |",
                   "|---|---|---|---|"]
         for c in report["cosines"]:
-            lines.append(f"| {c['a']} · {c['b']} | {_cos(c['non_embedding'])} | {_cos(c['embedding'])} | "
-                         f"{_cos(c['all'])} |")
+            lines.append(f"| {c['a']} · {c['b']} | {fmt_cos(c['non_embedding'])} | {fmt_cos(c['embedding'])} | "
+                         f"{fmt_cos(c['all'])} |")
     if report["skipped"]:
         lines += ["", f"{len(report['skipped'])} tensor(s) not compared (e.g. "
                   + "; ".join(f"{k}: {v}" for k, v in list(report["skipped"].items())[:3]) + ")."]

@@ -34,7 +34,7 @@ import torch
 from ..errors import MedmergeError
 from ..evaluation.runner import evaluate
 from ..io.writer import atomic_output_dir, check_output
-from ..merging.deltas import REAL_LLM_RELATIVE_NORM, task_vectors
+from ..merging.deltas import REAL_LLM_RELATIVE_NORM, fmt_cos, fmt_pct, task_vectors
 from ..training.config import load_config
 from ..training.trainer import train
 from . import world
@@ -173,15 +173,13 @@ def measure_deltas(models: Path, init: Path) -> dict:
 
 
 def render_deltas(deltas: dict) -> str:
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     lines = ["| model | parent | non-embedding delta | embedding delta |", "|---|---|---|---|"]
     for name, row in deltas["relative_norm"].items():
-        lines.append(f"| {name} | {row['parent']} | {pct(row['non_embedding'])} | {pct(row['embedding'])} |")
+        lines.append(f"| {name} | {row['parent']} | {fmt_pct(row['non_embedding'])} | {fmt_pct(row['embedding'])} |")
     c = deltas["cosine_instruct_clinical"]
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    lines += ["", f"Cosine between the instruct and clinical task vectors: {fmt(c['non_embedding'])} (non-embedding), "
-              f"{fmt(c['embedding'])} (embedding). A real LLM fine-tune moves its non-embedding weights by about "
-              f"{pct(deltas['real_llm_relative_norm'])}."]
+    lines += ["", f"Cosine between the instruct and clinical task vectors: {fmt_cos(c['non_embedding'])} (non-embedding), "
+              f"{fmt_cos(c['embedding'])} (embedding). A real LLM fine-tune moves its non-embedding weights by about "
+              f"{fmt_pct(deltas['real_llm_relative_norm'])}."]
     return "\n".join(lines)
 
 
