@@ -115,6 +115,13 @@ def test_every_shipped_task_runs_and_writes_the_documented_schema(models, data_d
     mts = json.loads((out / "samples" / "mm_mts_dialog.jsonl").read_text().splitlines()[0])
     assert mts["prompt"].startswith("Summarize the following doctor-patient conversation as the")
     assert isinstance(mts["metrics"]["bleu"], float)  # per-sample sentence BLEU, not the corpus pair
+    # per_doc: the per-document values of the metrics that are per-document means (bootstrap intervals)
+    per_doc = res["per_doc"]
+    assert per_doc["mm_medqa"]["doc_ids"] == [0, 1]
+    assert sum(per_doc["mm_medqa"]["acc"]) / 2 == pytest.approx(tasks["mm_medqa"]["acc"])
+    assert sum(per_doc["mm_mts_dialog"]["rougeL"]) / 2 == pytest.approx(tasks["mm_mts_dialog"]["rougeL"])
+    assert "bleu" not in per_doc["mm_mts_dialog"]  # corpus BLEU is not a mean of sentence BLEU
+    assert "prompt_level_strict_acc" in per_doc["mm_ifeval"] and "inst_level_strict_acc" not in per_doc["mm_ifeval"]
 
 
 def _hand_loglikelihood(model, tok, context: str, continuation: str) -> float:

@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -172,3 +173,55 @@ def test_compare_undefined_gain_and_bad_inputs(tmp_path):
         compare([tmp_path / "bad.json"], {})
     with pytest.raises(InputError, match="does not exist"):
         compare([tmp_path / "none"], {})
+
+
+def _per_doc_results(folder: Path, if_docs: list, acc_docs: list, model: Optional[Path] = None) -> Path:
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    res = {"schema": "medmerge.eval/1", "model": {"path": str(model) if model else None},
+           "tasks": {"mm_ifeval": {"prompt_level_strict_acc": mean(if_docs)}, "mm_medqa": {"acc": mean(acc_docs)}},
+           "per_doc": {"mm_ifeval": {"doc_ids": list(range(len(if_docs))), "prompt_level_strict_acc": if_docs},
+                       "mm_medqa": {"doc_ids": list(range(len(acc_docs))), "acc": acc_docs}}}
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(res))
+    return folder
+
+
+def test_compare_gives_paired_bootstrap_intervals_from_per_document_values(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    flip = lambda p: [1.0 if rng.random() < p else 0.0 for _ in range(120)]  # noqa: E731
+    instruct = _per_doc_results(tmp_path / "instruct", flip(0.7), flip(0.3))
+    clinical = _per_doc_results(tmp_path / "clinical", flip(0.1), flip(0.9))
+    merged = _per_doc_results(tmp_path / "merged", flip(0.65), flip(0.6))
+    old = _results(tmp_path / "old", {"mm_ifeval": {"prompt_level_strict_acc": 0.6}, "mm_medqa": {"acc": 0.5}})
+    report = compare([merged, old], {"instruct": instruct, "clinical": clinical},
+                     if_metric="mm_ifeval/prompt_level_strict_acc", replicates=500, seed=3)
+    rows = {r["name"]: r for r in report["models"]}
+    m = rows["merged"]
+    for key in ("if_retention", "clinical_gain_kept"):
+        ci = m[f"{key}_ci"]
+        assert ci["value"] == pytest.approx(m[f"{key}_pct"]) and ci["low"] < ci["value"] < ci["high"]
+        assert ci["replicates"] == 500
+    assert rows["old"]["if_retention_ci"] is None and rows["old"]["clinical_gain_kept_ci"] is None
+    md = render_markdown(report)
+    assert f"{m['if_retention_pct']:.1f} [{m['if_retention_ci']['low']:.1f}, " in md and "paired bootstrap" in md
+    again = compare([merged], {"instruct": instruct, "clinical": clinical},
+                    if_metric="mm_ifeval/prompt_level_strict_acc", replicates=500, seed=3)
+    assert {r["name"]: r["if_retention_ci"] for r in again["models"]}["merged"] == m["if_retention_ci"]
+    with pytest.raises(MedmergeError, match="--replicates 5"):
+        compare([merged], {"instruct": instruct}, replicates=5)
+
+
+def test_compare_base_adds_task_vectors_of_the_compared_models(tmp_path):
+    base = make_model(tmp_path / "m" / "base", arch="llama", seed=1, hidden=16, layers=1, vocab=64)
+    tuned = make_model(tmp_path / "m" / "tuned", arch="llama", seed=2, hidden=16, layers=1, vocab=64)
+    ifd, acc = [1.0, 0.0, 1.0], [0.0, 1.0, 1.0]
+    a = _per_doc_results(tmp_path / "a", ifd, acc, model=tuned)
+    b = _per_doc_results(tmp_path / "b", ifd, acc, model=tmp_path / "gone")
+    report = compare([a, b], {"instruct": a}, base=base)
+    from medmerge.merging.deltas import task_vectors
+
+    assert report["task_vectors"]["models"]["instruct"] == task_vectors(base, {"instruct": tuned})["models"]["instruct"]
+    assert any("b: model folder" in n and "is not there" in n for n in report["notes"])
+    assert "Mergeability" in render_markdown(report)

@@ -57,7 +57,14 @@ def test_fewshot_runs_every_start_and_k_and_tests_the_claim(experiment):
     by = {(r["start"], r["k"]): r for r in res["runs"]}
     diff = by[("merged", 2)]["clinical_score"] - by[("instruct", 4)]["clinical_score"]
     assert claim["scores"]["clinical_score"]["difference"] == pytest.approx(diff)
-    assert claim["holds"] == (diff >= -0.5)
+    iv = claim["scores"]["clinical_score"]["interval"]  # paired bootstrap over the 4 evaluation documents
+    assert iv["value"] == pytest.approx(diff) and iv["low"] <= diff + 1e-9 and diff - 1e-9 <= iv["high"]
+    expect = ("holds" if iv["low"] >= -0.5 else "does not hold" if iv["high"] < -0.5
+              else "cannot tell at this sample size")
+    assert claim["verdict"] == expect and claim["holds"] == {"holds": True, "does not hold": False}.get(expect)
+    assert expect in claim["measured"] and "paired bootstrap interval" in claim["measured"]
+    per_doc = json.loads((out / "eval" / "merged-k2" / "results.json").read_text())["per_doc"]
+    assert per_doc["tiny_clinic"]["doc_ids"] == [0, 1, 2, 3]
     assert "merged fine-tuned on 2 examples" in claim["statement"]
     assert (out / "fewshot.png").stat().st_size > 0 and (out / "loss_curves.png").is_file()
     with pytest.raises(InputError, match="finished few-shot run"):

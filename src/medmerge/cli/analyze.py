@@ -1,4 +1,4 @@
-"""`medmerge analyze decoding | leakage | loss`."""
+"""`medmerge analyze decoding | leakage | loss | deltas`."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from rich.table import Table
 
 from ..errors import InputError
 from ..experiments.analysis import (
-    DEFAULT_SETTINGS, check_leakage_json, decoding_grid, decoding_table, loss_plot, reasoning_leakage,
-    write_leakage_json,
+    DEFAULT_SETTINGS, check_deltas_json, check_leakage_json, decoding_grid, decoding_table, loss_plot,
+    reasoning_leakage, write_deltas_json, write_leakage_json,
 )
+from ..merging.deltas import render_markdown as render_task_vectors
+from ..merging.deltas import task_vectors
 from .app import analyze_app
 from .common import command, console, labelled, stdout
 
@@ -85,3 +87,22 @@ def analyze_loss_cmd(
     """One plot with the training (and eval) loss of several `medmerge train` runs."""
     loss_plot(_labelled(runs), out, title, force=force)
     console.print(f"wrote {out}")
+
+
+@command(analyze_app, "deltas")
+def analyze_deltas_cmd(
+    base: Path = typer.Argument(..., help="the common parent model folder"),
+    models: list[str] = typer.Argument(..., help="fine-tuned model folders, as DIR or LABEL=DIR"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report here (a .json file)"),
+    force: bool = typer.Option(False, "--force", help="replace an earlier task-vector report at --json"),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="no progress bar"),
+) -> None:
+    """Are these models mergeable? Each one's task vector from BASE: relative delta norm (non-embedding and
+    embedding apart; a real LLM fine-tune moves about 1%) and the cosines between the models' deltas."""
+    if json_out:
+        check_deltas_json(json_out, force)  # before reading any tensor: a bad path fails at once
+    report = task_vectors(base, _labelled(models), progress=not quiet)
+    stdout.print(render_task_vectors(report))
+    if json_out:
+        write_deltas_json(report, json_out, force=force)
+        console.print(f"wrote {json_out}")

@@ -73,10 +73,17 @@ def compare_cmd(
     if_metric: Optional[str] = typer.Option(None, "--if-metric", help="instruction-following score: TASK/METRIC (mean: the task's metrics' mean; default mm_ifeval/mean)"),
     clinical_metric: list[str] = typer.Option([], "--clinical-metric", help="clinical score part TASK/METRIC (repeatable; default: every task's composite or acc)"),
     force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
+    base: Optional[Path] = typer.Option(None, "--base", help="the models' common parent folder: adds each model's "
+                                        "task vector (relative delta norms, cosines between the deltas)"),
+    replicates: int = typer.Option(2000, "--replicates", help="bootstrap replicates of the intervals (100-100000)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the bootstrap"),
 ) -> None:
-    """Table of scores, deltas to each reference, instruction-following retention and clinical gain kept."""
+    """Table of scores, deltas to each reference, instruction-following retention and clinical gain kept.
+
+    Results written with per-document values (`medmerge eval --log-samples`) get 95% paired bootstrap
+    intervals of the retention and the gain kept."""
     report = compare(results, parse_references(reference), out=out, if_metric=if_metric,
-                     clinical_metrics=clinical_metric, force=force)
+                     clinical_metrics=clinical_metric, force=force, base=base, replicates=replicates, seed=seed)
     typer.echo(render_markdown(report))
     if out:
         console.print(f"wrote {out}/comparison.md, comparison.json and tradeoff.png")

@@ -175,9 +175,18 @@ def compare(
     if_metric: Optional[str] = None,
     clinical_metrics: Sequence[str] = (),
     force: bool = False,
+    base: Optional[str | Path] = None,
+    replicates: int = 2000,
+    seed: int = 0,
 ) -> dict:
     """The comparison report (and OUT/comparison.{md,json}, tradeoff.png). `if_metric` None: IF_DEFAULT, a note
-    (not an error) when no input has it; a metric named explicitly that no input has is an error."""
+    (not an error) when no input has it; a metric named explicitly that no input has is an error.
+
+    Results evaluated with per-document values (`--log-samples`) get paired bootstrap intervals of IF retention
+    and clinical gain kept (`replicates`, `seed`). `base` (the models' common parent) adds each model's task
+    vector (relative delta norms, and cosines between the models' deltas: mergeability)."""
+    if not 100 <= replicates <= 100_000:
+        raise MedmergeError(f"--replicates {replicates}: use 100 to 100000")
     if out is not None:  # replaced with --force: it must not be, hold or lie inside a results file it reads
         check_output(Path(out).absolute(), force, [*results, *references.values()])
     entries: list[tuple[str, str, dict]] = []  # (name, path, results)
@@ -235,6 +244,7 @@ def compare(
                 deltas[key] = None if a is None or b is None else a - b
             row["deltas"][ref] = deltas
         row.update(relative_scores(s, instruct, clinical))
+        row.update(_relative_intervals(res, by_name, if_metric, parts, replicates, seed) if instruct else {})
         rows.append(row)
     if instruct and clinical and clinical["clinical_score"] is not None and instruct["clinical_score"] is not None \
             and abs(clinical["clinical_score"] - instruct["clinical_score"]) <= 1e-9:
@@ -250,11 +260,49 @@ def compare(
             "if_retention_pct": "100 * IF(model) / IF(instruct)",
             "clinical_gain_kept_pct": "100 * (C(model) - C(instruct)) / (C(clinical) - C(instruct))",
         },
+        "intervals": f"95% paired bootstrap over the evaluation documents ({replicates} replicates, seed {seed}); "
+                     "only for results written with per-document values (medmerge eval --log-samples)",
         "notes": notes,
+        "task_vectors": _task_vectors(base, entries, notes) if base is not None else None,
     }
     if out is not None:
         write_report(Path(out), report, force)
     return report
+
+
+def _relative_intervals(res: dict, by_name: dict, if_metric: str, parts: list[str], replicates: int,
+                        seed: int) -> dict:
+    from .bootstrap import Bootstrap, relative_intervals, tasks_of
+
+    models = {"model": res.get("per_doc") or {}, "instruct": by_name["instruct"].get("per_doc") or {}}
+    if "clinical" in by_name:
+        models["clinical"] = by_name["clinical"].get("per_doc") or {}
+    try:
+        boot = Bootstrap(models, tasks_of([if_metric, *parts]), replicates=replicates, seed=seed)
+    except InputError:
+        return {"if_retention_ci": None, "clinical_gain_kept_ci": None}
+    ci = relative_intervals(boot, "model", "instruct", "clinical" if "clinical" in models else None, if_metric, parts)
+    return {"if_retention_ci": ci["if_retention_pct"], "clinical_gain_kept_ci": ci["clinical_gain_kept_pct"]}
+
+
+def _task_vectors(base: str | Path, entries: list[tuple[str, str, dict]], notes: list[str]) -> Optional[dict]:
+    """Task vectors from `base` of every compared model whose results name its model folder."""
+    from ..merging.deltas import task_vectors
+
+    models, base_path = {}, Path(base).absolute()
+    for name, _, res in entries:
+        path = (res.get("model") or {}).get("path")
+        if not path:
+            notes.append(f"{name}: its results name no model folder; no task vector")
+        elif (res.get("model") or {}).get("peft"):
+            notes.append(f"{name}: evaluated with a PEFT adapter; no task vector (merge the adapter first)")
+        elif Path(path).absolute() == base_path:
+            continue
+        elif not Path(path).is_dir():
+            notes.append(f"{name}: model folder {path} (from its results) is not there; no task vector")
+        else:
+            models[name] = path
+    return task_vectors(base_path, models) if models else None
 
 
 def fmt_score(v, digits: int = 1, missing: str = "-") -> str:
@@ -268,6 +316,13 @@ def _fmt(v: Optional[float], digits: int = 2) -> str:
     return fmt_score(v, digits, missing="n/a")
 
 
+def fmt_with_ci(value: Optional[float], ci: Optional[dict], missing: str = "n/a") -> str:
+    """`value [low, high]` with one digit (an interval dict from evaluation.bootstrap); the value alone without one."""
+    if value is None or not ci or ci.get("low") is None:
+        return fmt_score(value, 1, missing=missing)
+    return f"{value:.1f} [{ci['low']:.1f}, {ci['high']:.1f}]"
+
+
 def render_markdown(report: dict) -> str:
     rows = report["models"]
     metric_keys = sorted({f"{t}/{m}" for r in rows for t, ms in r["scores"].items() for m in ms})
@@ -275,13 +330,14 @@ def render_markdown(report: dict) -> str:
         f"IF = {report['if_metric']}; clinical = mean of {', '.join(report['clinical_metrics']) or 'nothing'}; "
         f"scale {report['scale']}.",
         "",
-        "| model | IF | clinical | IF retention % | clinical gain kept % |",
+        "| model | IF | clinical | IF retention % [95% CI] | clinical gain kept % [95% CI] |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
         name = f"**{r['name']}** (ref)" if r["reference"] else r["name"]
         lines.append(f"| {name} | {_fmt(r['if_score'])} | {_fmt(r['clinical_score'])} | "
-                     f"{_fmt(r['if_retention_pct'], 1)} | {_fmt(r['clinical_gain_kept_pct'], 1)} |")
+                     f"{fmt_with_ci(r['if_retention_pct'], r.get('if_retention_ci'))} | "
+                     f"{fmt_with_ci(r['clinical_gain_kept_pct'], r.get('clinical_gain_kept_ci'))} |")
     lines += ["", "| model | " + " | ".join(metric_keys) + " |", "|---" * (len(metric_keys) + 1) + "|"]
     for r in rows:
         cells = []
@@ -299,8 +355,14 @@ def render_markdown(report: dict) -> str:
             d = r["deltas"][ref]
             lines.append(f"| {r['name']} | {_fmt(d['if_score'], 2)} | {_fmt(d['clinical_score'], 2)} | "
                          + " | ".join(_fmt(d.get(k), 4) for k in metric_keys) + " |")
+    if report.get("task_vectors"):
+        from ..merging.deltas import render_markdown as render_task_vectors
+
+        lines += ["", "Mergeability (task vectors from the base):", "", render_task_vectors(report["task_vectors"])]
     if report["notes"]:
         lines += [""] + [f"note: {n}" for n in report["notes"]]
+    if any(r.get("if_retention_ci") or r.get("clinical_gain_kept_ci") for r in rows):
+        lines += ["", f"Intervals: {report['intervals']}."]
     lines += ["", "Formulas: " + "; ".join(f"{k} = {v}" for k, v in report["formulas"].items()) + "."]
     return "\n".join(lines) + "\n"
 

@@ -28,6 +28,7 @@ from ..io.folders import check_adapter, check_model
 from ..io.writer import check_output
 from ..runtime import library_versions, resolve_device
 from . import nltk_data
+from .bootstrap import per_doc_scores
 from .registry import TaskPlan, plan_tasks
 from .results import SCHEMA, convert_results, jsonable, unavailable_metrics, write_results
 
@@ -319,6 +320,8 @@ def results_record(raw: dict, req: EvalRequest, apply_template: bool) -> dict:
         "skipped": {name: {"reason": f"empty target {t.target!r} (skip_empty_targets: true)", "count": len(t.skipped),
                            "rows": list(t.skipped)} for name, t in plan.task_files.items() if t.skipped},
         "samples": {t: dict(v) for t, v in raw.get("n-samples", {}).items()},
+        # with log_samples: per-document values of the metrics that are per-document means (bootstrap intervals)
+        **({"per_doc": per_doc_scores(raw.get("samples", {}), converted["tasks"])} if req.log_samples else {}),
         "generation": {t: jsonable(c.get("generation_kwargs")) for t, c in configs.items()
                        if c.get("output_type") == "generate_until"},
         "config": {

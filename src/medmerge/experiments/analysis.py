@@ -301,3 +301,23 @@ def write_leakage_json(report: dict, out: str | Path, *, force: bool = False) ->
 def check_leakage_json(out: str | Path, force: bool) -> Path:
     return check_file_output(out, force, flag="--json", suffixes=(".json",), kind="leakage report",
                              not_kind=_not_leakage_report)
+
+
+def check_deltas_json(out: str | Path, force: bool) -> Path:
+    return check_file_output(out, force, flag="--json", suffixes=(".json",), kind="task-vector report",
+                             not_kind=_not_deltas_report)
+
+
+def write_deltas_json(report: dict, out: str | Path, *, force: bool = False) -> Path:
+    out = check_deltas_json(out, force)
+    replace_file(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+    return out
+
+
+def _not_deltas_report(path: Path) -> Optional[str]:
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        report = None
+    ok = isinstance(report, dict) and {"parent", "models", "cosines"} <= set(report)
+    return None if ok else "an earlier task-vector report"

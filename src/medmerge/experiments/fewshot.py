@@ -35,6 +35,7 @@ from pydantic import Field, model_validator
 
 from ..errors import InputError
 from ..evaluation import runner
+from ..evaluation.bootstrap import Bootstrap, difference_interval, tasks_of, verdict
 from ..evaluation.compare import fmt_score as _f
 from ..evaluation.compare import summary_scores
 from ..io.paths import safe_name, under
@@ -62,6 +63,8 @@ class Claim(Finite):
     versus: str = "instruct"
     versus_k: int = 256
     tolerance: float = Field(1.0, ge=0)  # points on the 0-100 scale within which "matches" holds
+    replicates: int = Field(2000, ge=100, le=100_000)  # paired bootstrap over the evaluation documents
+    confidence: float = Field(0.95, gt=0.5, lt=1)
 
 
 class FewshotConfig(Strict):
@@ -165,10 +168,13 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
     def scores(model: Path, peft: Optional[Path], label: str) -> dict:
         folder = out / "eval" / label
         reuse(folder, "results.json", lambda: runner.evaluate(model, cfg.eval.tasks, folder, peft=peft, gen_kwargs=gen,
-                                                              force=True, quiet=True, **eval_kwargs))
+                                                              force=True, quiet=True, log_samples=True, **eval_kwargs))
         res = json.loads((folder / "results.json").read_text())
+        per_doc[label] = res.get("per_doc", {})
         return {"tasks": res["tasks"], **summary_scores(res, cfg.scores.if_metric, cfg.scores.clinical_metrics),
                 "eval": str(folder)}
+
+    per_doc: dict[str, dict] = {}
 
     starts, runs = {}, []
     for name, spec in cfg.starts.items():
@@ -187,7 +193,7 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
         "schema": SCHEMA, "config_file": info["config_file"], "world": info["world"], "k": sorted(cfg.k),
         "seed": cfg.seed, "training": cfg.training.model_dump(), "lora": cfg.lora.model_dump() if cfg.lora else None,
         "data": str(cfg.data.path), "if_metric": cfg.scores.if_metric, "clinical_metrics": cfg.scores.clinical_metrics,
-        "starts": starts, "runs": runs, "claim": check_claim(cfg, runs) if cfg.claim else None,
+        "starts": starts, "runs": runs, "claim": check_claim(cfg, runs, per_doc) if cfg.claim else None,
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
     result["versions"] = library_versions(*runner.RECORDED_LIBRARIES)
@@ -198,26 +204,51 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
     return Result(result, markdown)
 
 
-def check_claim(cfg: FewshotConfig, runs: list[dict]) -> dict:
-    """The claim (model@k matches versus@versus_k) against the measured scores, on both summary scores."""
+def check_claim(cfg: FewshotConfig, runs: list[dict], per_doc: Optional[dict] = None) -> dict:
+    """The claim (model@k matches versus@versus_k within the tolerance) against the measured scores, with paired
+    bootstrap intervals of the differences over the evaluation documents (`per_doc`: run label -> per-doc scores).
+
+    On the clinical composite: "holds" when the interval's low end is at least -tolerance, "does not hold" when
+    its high end is below -tolerance, otherwise "cannot tell at this sample size"."""
     c = cfg.claim
     by = {(r["start"], r["k"]): r for r in runs}
     a, b = by[(c.model, c.k)], by[(c.versus, c.versus_k)]
+    if_metric, parts = cfg.scores.if_metric, cfg.scores.clinical_metrics
+    per_doc = per_doc or {}
+    boot = Bootstrap({"model": per_doc.get(a["label"], {}), "versus": per_doc.get(b["label"], {})},
+                     tasks_of([if_metric, *parts]), replicates=c.replicates, seed=cfg.seed, confidence=c.confidence)
     verdicts = {}
     for key in ("clinical_score", "if_score"):
         x, y = a[key], b[key]
         if x is None or y is None:
-            verdicts[key] = {"model": x, "versus": y, "difference": None, "holds": None}
+            verdicts[key] = {"model": x, "versus": y, "difference": None, "interval": None, "holds": None,
+                             "verdict": "undefined (a score is missing)"}
             continue
-        verdicts[key] = {"model": x, "versus": y, "difference": x - y, "holds": x >= y - c.tolerance}
-    holds = verdicts["clinical_score"]["holds"]
+        diff = difference_interval(boot, "model", "versus", key, if_metric, parts)
+        word = verdict(diff, c.tolerance)
+        verdicts[key] = {"model": x, "versus": y, "difference": x - y,
+                         "interval": diff.as_dict() if diff is not None else None,
+                         "holds": True if word == "holds" else False if word == "does not hold" else None,
+                         "verdict": word}
+    v = verdicts["clinical_score"]
     text = (f"Claim: {c.model} fine-tuned on {c.k} examples matches {c.versus} fine-tuned on {c.versus_k} "
             f"(within {c.tolerance:g} points on the clinical composite).")
-    measured = (f"Measured: clinical {_f(verdicts['clinical_score']['model'])} vs {_f(verdicts['clinical_score']['versus'])}, "
-                f"instruction following {_f(verdicts['if_score']['model'])} vs {_f(verdicts['if_score']['versus'])}: "
-                + ("the claim holds here." if holds else "the claim does not hold here." if holds is not None
-                   else "undefined (a score is missing)."))
-    return {**c.model_dump(), "scores": verdicts, "holds": holds, "statement": text, "measured": measured}
+    iv = v.get("interval")
+    diff_text = (f"difference {v['difference']:+.1f} points, {100 * c.confidence:g}% paired bootstrap interval "
+                 f"[{iv['low']:+.1f}, {iv['high']:+.1f}] over {_docs(per_doc.get(a['label'], {}), parts)} documents"
+                 if iv and iv.get("low") is not None else
+                 f"difference {v['difference']:+.1f} points (no per-document scores: no interval)"
+                 if v["difference"] is not None else "")
+    measured = (f"Measured: clinical {_f(v['model'])} vs {_f(v['versus'])}, instruction following "
+                f"{_f(verdicts['if_score']['model'])} vs {_f(verdicts['if_score']['versus'])}"
+                + (f"; {diff_text}" if diff_text else "") + f": {v['verdict']}.")
+    return {**c.model_dump(), "scores": verdicts, "holds": v["holds"], "verdict": v["verdict"], "statement": text,
+            "measured": measured}
+
+
+def _docs(per_doc: dict, parts: list[str]) -> str:
+    counts = [len(per_doc[t]["doc_ids"]) for t in tasks_of(parts) if t in per_doc]
+    return "+".join(str(n) for n in counts) if counts else "0"
 
 
 def render_markdown(result: dict) -> str:

@@ -158,8 +158,8 @@ def plot_fewshot(result: dict, path: Path) -> None:
     c = result.get("claim")
     if c:
         fig.suptitle(f"{c['model']}@{c['k']} vs {c['versus']}@{c['versus_k']}: "
-                     + ("holds" if c["holds"] else "does not hold" if c["holds"] is not None else "undefined"),
-                     fontsize=10)
+                     + c.get("verdict", "holds" if c["holds"] else "does not hold" if c["holds"] is not None
+                             else "undefined"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -82,6 +82,9 @@ class TrainConfig(Finite):
     chat_template: Optional[str] = None  # None: the tokenizer's own (plain text if it has none); or a NAMED_TEMPLATES key
     max_seq_length: int = Field(512, ge=8)
     packing: bool = True  # pt: concatenate documents (EOS between) into max_seq_length blocks
+    # full fine-tuning: parameters whose names match one of these globs (fnmatch, e.g. "model.embed_tokens.*",
+    # "*.layers.0.*") are not trained; every pattern must match a parameter (tied weights match under both names)
+    freeze: list[str] = []
     training: TrainingSettings = TrainingSettings()
 
     @field_validator("chat_template")
@@ -97,6 +100,10 @@ class TrainConfig(Finite):
             raise ValueError("after_adapter needs a lora: section (the second stage trains a fresh adapter)")
         if self.merge_after_adapter and self.after_adapter is None:
             raise ValueError("merge_after_adapter needs after_adapter")
+        if self.freeze and self.lora is not None:
+            raise ValueError("freeze is for full fine-tuning; with a lora: section the base weights are frozen already")
+        if any(not p.strip() for p in self.freeze):
+            raise ValueError("freeze: empty pattern; give parameter-name globs such as model.embed_tokens.*")
         return self
 
 

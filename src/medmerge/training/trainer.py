@@ -11,6 +11,7 @@ Runs unchanged under `accelerate launch -m medmerge.cli train CONFIG`.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import math
 import os
@@ -242,7 +243,29 @@ def _load_model(cfg: TrainConfig, device: str):
                           target_modules=list(cfg.lora.target_modules), use_rslora=cfg.lora.rslora,
                           task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)  # always a fresh adapter: nothing is loaded into it
+    freeze_parameters(model, cfg.freeze, cfg.model)
     return model
+
+
+def freeze_parameters(model, patterns: Sequence[str], where: object = "the model") -> list[str]:
+    """Stop training every parameter whose name matches one of `patterns` (fnmatch globs); return their names.
+
+    Names are matched with tied duplicates included (lm_head.weight of a tied model freezes the shared
+    embedding), and a pattern that matches nothing is an error naming a few of the model's parameters."""
+    if not patterns:
+        return []
+    names = [(n, p) for n, p in model.named_parameters(remove_duplicate=False)]
+    frozen: list[str] = []
+    for pattern in patterns:
+        hits = [(n, p) for n, p in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            sample = ", ".join(n for n, _ in names[:6])
+            raise ConfigError(f"freeze: pattern {pattern!r} matches no parameter of {where}; its parameters are "
+                              f"named like {sample}, ...")
+        for n, p in hits:
+            p.requires_grad_(False)
+            frozen.append(n)
+    return sorted(set(frozen))
 
 
 def load_data(tokenizer, parts: Sequence[TrainConfig]) -> tuple[list[dict], dict, Optional[dict]]:
@@ -385,6 +408,8 @@ def _train(cfg: TrainConfig, out: Path, *, force, resume, progress, callbacks, d
     record = {
         "stage": cfg.stage,
         "kind": "lora_adapter" if cfg.lora else "full_model",
+        "frozen": sorted(n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad)
+        if cfg.freeze else [],
         "base": {"path": str(base_path), "fingerprint": base_fp},
         "after_adapter": previous,
         "data": data_record,

@@ -65,6 +65,7 @@ class Scored:
     key: str
     tasks: dict[str, dict] = field(default_factory=dict)  # task -> metrics
     n_docs: dict[str, int] = field(default_factory=dict)
+    per_doc: dict[str, dict] = field(default_factory=dict)  # task -> per-document values (bootstrap intervals)
     cached: bool = True
     seconds: float = 0.0
     selection: str = "all"
@@ -236,6 +237,7 @@ class SweepEvaluator:
             if file.is_file():
                 record = json.loads(file.read_text())
                 out.tasks.update(record["tasks"])
+                out.per_doc.update(record.get("per_doc", {}))  # records cached before per-doc values: no interval
                 self.stats.cached += 1
             else:
                 missing.append((task, file, data_hash))
@@ -248,11 +250,13 @@ class SweepEvaluator:
                 rows = {name: results["tasks"][name] for name in [task, *self._leaves[task]] if name in results["tasks"]}
                 if task not in rows:
                     raise InputError(f"task {task} returned no scores for {point.describe()}")
+                per_doc = {name: results["per_doc"][name] for name in rows if name in results.get("per_doc", {})}
                 record = {"task": task, "point": point.describe(), "config": config, "data_hash": data_hash,
                           "generation_hash": self._gen_hash, "n_docs": out.n_docs[task], "tasks": rows,
-                          "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                          "per_doc": per_doc, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
                 _write_atomic(file, record)
                 out.tasks.update(rows)
+                out.per_doc.update(per_doc)
                 self.stats.evaluated += 1
             out.seconds = round(time.perf_counter() - started, 3)
         return out
@@ -274,7 +278,8 @@ class SweepEvaluator:
         samples = None
         if sel.samples is not None:
             samples = {leaf: sel.samples[leaf] for t in tasks for leaf in self._leaves[t]}
-        res = runner.evaluate(self.model, tasks, None, tokenizer=self.tokenizer, samples=samples, plan=plan, quiet=True, **kw)
+        res = runner.evaluate(self.model, tasks, None, tokenizer=self.tokenizer, samples=samples, plan=plan, quiet=True,
+                              log_samples=True, **kw)
         self.stats.eval_seconds += time.perf_counter() - started
         return res
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ...evaluation.compare import fmt_score as _f
+from ...evaluation.compare import fmt_with_ci
 from ...evaluation.runner import RECORDED_LIBRARIES
 from ...merging.deltas import render_markdown as render_task_vectors
 from ...merging.deltas import task_vectors
@@ -48,6 +49,7 @@ def summarize(cfg, info, ev, scorer, rows, refs, halving, search_info, started) 
         best = {"id": b["id"], "label": b["label"], "method": b["method"], "params": b["params"],
                 "config": b["config"], "if_score": b["if_score"], "clinical_score": b["clinical_score"],
                 "if_retention_pct": b.get("if_retention_pct"), "clinical_gain_kept_pct": b.get("clinical_gain_kept_pct"),
+                "if_retention_ci": b.get("if_retention_ci"), "clinical_gain_kept_ci": b.get("clinical_gain_kept_ci"),
                 "threshold": choice["threshold"], "feasible": choice["feasible"]}
     return {
         "schema": SCHEMA, "config_file": info["config_file"], "world": info["world"],
@@ -103,17 +105,22 @@ def render_markdown(rows: list[dict], summary: dict) -> str:
     lines = [f"# Merge sweep ({summary['points']} points)", "",
              f"IF = {summary['if_metric']}; clinical = mean of {', '.join(summary['clinical_metrics'])} "
              f"({summary['scale']}); documents: {summary['selection']}.", ""]
-    head = ["point", "kind", "IF", "clinical", "IF retention %", "clinical gain kept %", "Pareto"]
+    head = ["point", "kind", "IF", "clinical", "IF retention % [95% CI]", "clinical gain kept % [95% CI]", "Pareto"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([
             r["label"], r["kind"] + ("" if r.get("stopped_at_rung") is None else f" (stopped at rung {r['stopped_at_rung']})"),
-            _f(r["if_score"]), _f(r["clinical_score"]), _f(r.get("if_retention_pct")),
-            _f(r.get("clinical_gain_kept_pct")), "yes" if r.get("pareto") else ""]) + " |")
+            _f(r["if_score"]), _f(r["clinical_score"]), fmt_with_ci(r.get("if_retention_pct"), r.get("if_retention_ci"), "-"),
+            fmt_with_ci(r.get("clinical_gain_kept_pct"), r.get("clinical_gain_kept_ci"), "-"),
+            "yes" if r.get("pareto") else ""]) + " |")
     lines += ["", f"Selection rule: {summary['select']['rule']}."]
     b = summary.get("best")
-    lines.append(f"Best: **{b['label']}** (IF {_f(b['if_score'])}, clinical {_f(b['clinical_score'])})." if b
+    lines.append(f"Best: **{b['label']}** (IF {_f(b['if_score'])}, clinical {_f(b['clinical_score'])}; IF retention "
+                 f"{fmt_with_ci(b.get('if_retention_pct'), b.get('if_retention_ci'))}%, clinical gain kept "
+                 f"{fmt_with_ci(b.get('clinical_gain_kept_pct'), b.get('clinical_gain_kept_ci'))}%)." if b
                  else "Best: no merge meets the rule.")
+    lines.append("Intervals: 95% paired bootstrap over the evaluation documents (the point and the references "
+                 "resampled together, each task on its own).")
     if summary.get("halving"):
         a = summary["halving"]["agreement"]
         lines += ["", "Successive halving: " + ", ".join(

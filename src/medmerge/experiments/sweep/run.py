@@ -116,7 +116,7 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
                 rows.append(row)
                 log.add(row)
     all_rows = list(refs.values()) + rows
-    add_relative(all_rows, refs, ev.roles)
+    add_relative(all_rows, refs, ev.roles, scorer.if_metric, scorer.clinical_parts, seed=cfg.seed)
     summary = summarize(cfg, info, ev, scorer, all_rows, refs, halving, search_info, started)
     markdown = write_outputs(out, all_rows, summary)
     if export_best is not None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
-from ...errors import ConfigError
+from ...errors import ConfigError, InputError
+from ...evaluation.bootstrap import Bootstrap, relative_intervals, tasks_of
 from ...evaluation.compare import default_clinical_parts, relative_scores, summary_scores
 from .config import SweepConfig
 from .evaluator import Scored, SweepEvaluator
 from .points import Point, Roles
+
+
+SWEEP_REPLICATES = 1000  # per point: two intervals, paired with the references
 
 
 def reference_point(role: str) -> Point:
@@ -37,7 +41,7 @@ class Scorer:
         p = s.point
         return {
             "id": s.key, "label": p.describe(), "kind": kind, "method": p.method, "params": p.params,
-            "config": s.config, "selection": s.selection, "n_docs": s.n_docs, "tasks": s.tasks,
+            "config": s.config, "selection": s.selection, "n_docs": s.n_docs, "tasks": s.tasks, "per_doc": s.per_doc,
             **summary_scores(results, self.if_metric, self.clinical_parts),
             "cached": s.cached, "seconds": s.seconds,
         }
@@ -60,7 +64,25 @@ class Scorer:
         return target if i >= threshold - 1e-12 else -100 + 100 * i / threshold
 
 
-def add_relative(rows: list[dict], refs: dict[str, dict], roles: Roles) -> None:
-    """IF retention and clinical gain kept (compare's formulas) relative to the general and domain references."""
+def add_relative(rows: list[dict], refs: dict[str, dict], roles: Roles, if_metric: Optional[str] = None,
+                 clinical_parts: Sequence[str] = (), seed: int = 0, replicates: int = SWEEP_REPLICATES) -> None:
+    """IF retention and clinical gain kept (compare's formulas) relative to the general and domain references,
+    and, given the metrics, their paired bootstrap intervals over the documents (`*_ci`: {value, low, high});
+    a row scored on other documents than the references (a halving rung) or without per-document values has
+    None there."""
+    general, domain = refs.get(roles.general), refs.get(roles.domain)
     for r in rows:
-        r.update(relative_scores(r, refs.get(roles.general), refs.get(roles.domain)))
+        r.update(relative_scores(r, general, domain))
+        r["if_retention_ci"] = r["clinical_gain_kept_ci"] = None
+        if if_metric is None or general is None or r is general or r.get("kind") == "reference":
+            continue
+        models = {"point": r.get("per_doc") or {}, "general": general.get("per_doc") or {}}
+        if domain is not None:
+            models["domain"] = domain.get("per_doc") or {}
+        try:
+            boot = Bootstrap(models, tasks_of([if_metric, *clinical_parts]), replicates=replicates, seed=seed)
+        except InputError:  # other documents than the references: no paired interval
+            continue
+        ci = relative_intervals(boot, "point", "general", "domain" if domain is not None else None, if_metric,
+                                list(clinical_parts))
+        r["if_retention_ci"], r["clinical_gain_kept_ci"] = ci["if_retention_pct"], ci["clinical_gain_kept_pct"]
