@@ -63,6 +63,14 @@ def test_grid_is_cached_extended_and_rerun_without_recomputing(family, tmp_path,
     assert set(tv["models"]) == {"instruct", "clinical"} and tv["models"]["instruct"]["all"]["relative_norm"] > 0
     assert -1 <= tv["cosines"][0]["all"] <= 1 and "Mergeability" in (out / "sweep.md").read_text()
     assert rows[2]["tasks"] == rows[0]["tasks"] and rows[4]["tasks"] == rows[1]["tasks"]
+    # paired bootstrap intervals of the retention columns, from the per-document values kept with each row
+    for r in rows[2:]:
+        assert len(r["per_doc"]["tiny_follow"]["doc_ids"]) == r["n_docs"]["tiny_follow"]
+        ci = r["if_retention_ci"]
+        if r["if_retention_pct"] is not None:
+            assert ci["value"] == pytest.approx(r["if_retention_pct"]) and ci["low"] <= ci["value"] + 1e-9 <= ci["high"] + 2e-9
+    assert rows[2]["if_retention_ci"]["low"] == rows[2]["if_retention_ci"]["high"] == pytest.approx(100)  # t=0: instruct
+    assert "[95% CI]" in (out / "sweep.md").read_text()
 
     counted.clear()
     again = run(family / "sweep.yaml", out, progress=False)

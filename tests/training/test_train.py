@@ -198,3 +198,20 @@ def test_lora_runs_are_reproducible_from_the_seed(world, tmp_path):
     runs = [load_file(str(train(load_config(_config(world, f"rep{i}", lora=lora)), tmp_path / f"rep{i}",
                                 progress=False).out / "adapter_model.safetensors")) for i in range(2)]
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_freeze_keeps_matching_parameters_bit_identical(world, tmp_path):
+    cfg = load_config(_config(world, "fr", stage="pt", data={"path": "text.txt"},
+                              freeze=["model.embed_tokens.*", "*.layers.0.mlp.*"]))
+    train(cfg, tmp_path / "fr", progress=False)
+    before, after = load_file(str(world / "base" / "model.safetensors")), load_file(str(tmp_path / "fr" / "model.safetensors"))
+    frozen = [k for k in before if k.startswith("model.embed_tokens.") or ".layers.0.mlp." in k]
+    assert len(frozen) == 4 and all(torch.equal(before[k], after[k]) for k in frozen)
+    trained = [k for k in before if k not in frozen and k.endswith("weight") and "norm" not in k]
+    assert all(not torch.equal(before[k], after[k]) for k in trained)  # the rest did train
+    record = json.loads((tmp_path / "fr" / "medmerge_train.json").read_text())
+    assert "model.embed_tokens.weight" in record["frozen"] and "model.layers.0.mlp.up_proj.weight" in record["frozen"]
+    with pytest.raises(ConfigError, match="freeze: pattern 'model.embedding' matches no parameter of"):
+        train(load_config(_config(world, "fr2", freeze=["model.embedding"])), tmp_path / "fr2", progress=False)
+    with pytest.raises(ConfigError, match="freeze is for full fine-tuning"):
+        load_config(_config(world, "fr3", freeze=["*"], lora={"r": 2}))

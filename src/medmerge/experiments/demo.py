@@ -23,6 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import MedmergeError
+from ..evaluation.compare import fmt_with_ci
+from ..io.records import read_jsonl
 from ..miniclinic.build import build, code_version
 from ..miniclinic.world import TASKS_DIR
 from .fewshot import run as run_fewshot
@@ -87,6 +89,46 @@ def forgetting(summary: dict) -> dict:
                        for n in ("base", "instruct", "instruct_ft", "clinical")]}
 
 
+KEEP_IF, KEEP_GAIN = 90.0, 50.0  # "the cure": a merge keeping this much of IF and of the clinical gain
+DEAD = 50.0  # a merge under this share of both skills is in the dead zone
+
+
+def finding(summary: dict, rows: list[dict]) -> dict:
+    """What the sweep found, in numbers: merges that keep both skills, the methods on the Pareto front, the dead
+    zone (merges under half of both instruct's instruction following and the clinical gain)."""
+    merges = [r for r in rows if r["kind"] != "reference" and r.get("if_retention_pct") is not None
+              and r.get("clinical_gain_kept_pct") is not None]
+    both = [r for r in merges if r["if_retention_pct"] >= KEEP_IF and r["clinical_gain_kept_pct"] >= KEEP_GAIN]
+    top = max(both, key=lambda r: (r["clinical_gain_kept_pct"], r["if_retention_pct"])) if both else None
+    front = sorted({r["method"] for r in rows if r.get("pareto") and r["kind"] != "reference"})
+    middle = [r for r in merges if r.get("pareto") and r["if_retention_pct"] >= DEAD
+              and r["clinical_gain_kept_pct"] >= DEAD]
+    dead: dict[str, list] = {}
+    for r in merges:
+        if r["if_retention_pct"] < DEAD and r["clinical_gain_kept_pct"] < DEAD:
+            dead.setdefault(r["method"], []).append(r["params"].get("t"))
+
+    def pct(r, key):
+        return fmt_with_ci(r[f"{key}_pct"], r.get(f"{key}_ci"))
+
+    text = [f"Of {len(merges)} merges, {len(both)} keep at least {KEEP_IF:g}% of instruct's instruction following "
+            f"and at least {KEEP_GAIN:g}% of the clinical gain"]
+    if top:
+        text[0] += (f"; the one keeping most of the gain, {top['label']}, keeps {pct(top, 'if_retention')}% of IF and "
+                    f"{pct(top, 'clinical_gain_kept')}% of the gain (IF {top['if_score']:.1f}, clinical "
+                    f"{top['clinical_score']:.1f}; 95% paired bootstrap intervals)")
+    text.append(f"The Pareto front holds merges of {', '.join(front) if front else 'no method'}"
+                + ("" if middle else f", none of them above {DEAD:g}% of both skills (an L-shaped front)"))
+    text.append("Dead zone (under half of both skills): " + ("; ".join(
+        f"{m} at t = {', '.join(f'{t:g}' for t in sorted(t for t in ts if t is not None)) or '-'}"
+        for m, ts in sorted(dead.items())) if dead else "none"))
+    return {"keep_if_pct": KEEP_IF, "keep_gain_pct": KEEP_GAIN, "merges": len(merges),
+            "keep_both": [r["label"] for r in both], "top": top and {k: top.get(k) for k in (
+                "label", "method", "params", "if_score", "clinical_score", "if_retention_pct", "if_retention_ci",
+                "clinical_gain_kept_pct", "clinical_gain_kept_ci")},
+            "pareto_methods": front, "front_is_l": not middle, "dead_zone": dead, "statement": ". ".join(text) + "."}
+
+
 def run_demo(out: str | Path = "runs/demo", preset: str = "quick", seed: int = 0, *, progress: bool = True) -> dict:
     """Run the demo into OUT (re-runs reuse the world cache and the sweep's result cache)."""
     if preset not in PRESETS:
@@ -124,13 +166,15 @@ def run_demo(out: str | Path = "runs/demo", preset: str = "quick", seed: int = 0
     console.print("[bold]4/4[/] the report")
     forget = forgetting(sweep)
     best = sweep.get("best")
-    headline = [forget["statement"],
+    found = finding(sweep, read_jsonl(out / "sweep" / "sweep.jsonl"))
+    headline = [forget["statement"], found["statement"],
                 (f"Best merge keeping at least {IF_RETENTION_MIN:g}% of instruct's instruction following: "
                  f"{best['label']} (IF {best['if_score']:.1f}, clinical {best['clinical_score']:.1f})." if best
                  else f"No merge keeps {IF_RETENTION_MIN:g}% of instruct's instruction following."),
                 few["claim"]["measured"] if few.get("claim") else ""]
     timings["total"] = round(time.perf_counter() - started, 1)
     demo = {"schema": "medmerge.demo/1", "preset": preset, "seed": seed, "forgetting": forget, "best": best,
+            "finding": found,
             "fewshot_claim": few.get("claim"), "headline": [h for h in headline if h], "timings_s": timings,
             "sweep": str(out / "sweep"), "fewshot": str(out / "fewshot")}
     (out / "demo.json").write_text(json.dumps(demo, indent=2, default=str) + "\n")

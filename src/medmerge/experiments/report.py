@@ -23,6 +23,8 @@ from typing import Optional
 
 from ..errors import InputError, OutputExistsError
 from ..evaluation.compare import fmt_score as _f
+from ..evaluation.compare import fmt_with_ci
+from ..merging.deltas import fmt_cos, fmt_pct
 from ..io.records import read_jsonl
 from ..io.writer import current_umask
 from .analysis import decoding_table
@@ -93,7 +95,7 @@ def sweep_sections(folder: Path, run: Path) -> list[Section]:
     rows = _rows(folder / "sweep.jsonl") if (folder / "sweep.jsonl").is_file() else []
     rel = folder.relative_to(run).as_posix() if folder != run else "."
     cols = [summary["if_metric"], *summary["clinical_metrics"]]
-    head = ["model", "kind", *cols, "IF", "clinical", "IF retention %", "clinical gain kept %"]
+    head = ["model", "kind", *cols, "IF", "clinical", "IF retention % [95% CI]", "clinical gain kept % [95% CI]"]
     best_id = (summary.get("best") or {}).get("id")
     shown = [r for r in rows if r["kind"] == "reference" or r.get("pareto") or r["id"] == best_id]
     table = []
@@ -104,17 +106,20 @@ def sweep_sections(folder: Path, run: Path) -> list[Section]:
             task, metric = c.split("/", 1)
             vals.append(_f((r["tasks"].get(task) or {}).get(metric), 3))
         table.append([r["label"], kind, *vals, _f(r["if_score"]), _f(r["clinical_score"]),
-                      _f(r.get("if_retention_pct")), _f(r.get("clinical_gain_kept_pct"))])
+                      fmt_with_ci(r.get("if_retention_pct"), r.get("if_retention_ci"), "-"),
+                      fmt_with_ci(r.get("clinical_gain_kept_pct"), r.get("clinical_gain_kept_ci"), "-")])
     models = Section(f"Models ({rel})", paragraphs=[
         f"The references, every merge on the Pareto front and the selected merge; {summary['points']} merges were "
         f"scored in memory on {', '.join(summary['tasks'])} ({summary['selection']}). Retention columns as "
         "`medmerge compare`: IF retention = 100 x IF(model) / IF(instruct); clinical gain kept = "
-        "100 x (C(model) - C(instruct)) / (C(clinical) - C(instruct))."], tables=[(head, table)])
+        "100 x (C(model) - C(instruct)) / (C(clinical) - C(instruct)); intervals: 95% paired bootstrap over the "
+        "evaluation documents (the merge and the references resampled together)."], tables=[(head, table)])
     b = summary.get("best")
     models.paragraphs.append(
         f"Selection rule: {summary['select']['rule']}. " +
         (f"Best: {b['label']} (IF {_f(b['if_score'])}, clinical {_f(b['clinical_score'])}, IF retention "
-         f"{_f(b.get('if_retention_pct'))}%, clinical gain kept {_f(b.get('clinical_gain_kept_pct'))}%)." if b
+         f"{fmt_with_ci(b.get('if_retention_pct'), b.get('if_retention_ci'), '-')}%, clinical gain kept "
+         f"{fmt_with_ci(b.get('clinical_gain_kept_pct'), b.get('clinical_gain_kept_ci'), '-')}%)." if b
          else "No merge meets it."))
     e = summary["evaluations"]
     models.paragraphs.append(f"Evaluations run {e['run']}, from the cache {e['cached']}; merge time {e['merge_seconds']} s, "
@@ -127,6 +132,9 @@ def sweep_sections(folder: Path, run: Path) -> list[Section]:
         if (folder / name).is_file():
             plots.images.append((folder / name, caption))
     out = [models, plots]
+    tv = summary.get("task_vectors")
+    if tv:
+        out.append(mergeability_section(tv, f"Mergeability: task vectors from the base ({rel})"))
     if summary.get("halving"):
         h = summary["halving"]
         a = h["agreement"]
@@ -144,6 +152,21 @@ def sweep_sections(folder: Path, run: Path) -> list[Section]:
             f"workers {s['workers']}."]))
     out.append(_config_section(f"Sweep configuration ({rel})", _recorded_config(folder, "sweep"), summary.get("versions")))
     return out
+
+
+def mergeability_section(tv: dict, title: str) -> Section:
+    """The task-vector table (merging.deltas) as a report section."""
+    rows = [[name, fmt_pct(m["non_embedding"]["relative_norm"]), fmt_pct(m["embedding"]["relative_norm"]),
+             fmt_pct(m["all"]["relative_norm"])] for name, m in tv["models"].items()]
+    cos = [f"{c['a']} / {c['b']}: {fmt_cos(c['non_embedding'])} (non-embedding), {fmt_cos(c['embedding'])} "
+           f"(embedding)" for c in tv.get("cosines", [])]
+    return Section(title, paragraphs=[
+        f"How far each model moved from {Path(tv['parent']).name}: relative Frobenius norm ||W - W_base|| / "
+        f"||W_base|| over the non-embedding and the embedding weights. A real LLM fine-tune moves its "
+        f"non-embedding weights by about {fmt_pct(tv['real_llm_relative_norm'])}; moves of tens of percent leave "
+        "no shared basin, and interpolation falls off a cliff.",
+        "Cosine between the task vectors: " + ("; ".join(cos) if cos else "-") + "."],
+        tables=[(["model", "non-embedding delta", "embedding delta", "all"], rows)])
 
 
 def fewshot_sections(folder: Path, run: Path) -> list[Section]:
