@@ -23,7 +23,8 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from ..errors import InputError
-from .compare import relative_scores, summary_scores
+from .hooks import sample_value
+from .scores import relative_scores, summary_scores
 
 DEFAULT_REPLICATES = 2000
 CONFIDENCE = 0.95
@@ -36,8 +37,6 @@ PerDoc = Mapping[str, Mapping[str, list]]
 def per_doc_scores(samples: Mapping[str, Sequence[dict]], tasks: Mapping[str, Mapping[str, float]]) -> dict:
     """lm-eval's logged samples -> {task: {"doc_ids": [...], metric: [float, ...]}}, keeping only the metrics whose
     per-document mean reproduces the task's reported value (`tasks`, results.json's "tasks" block)."""
-    from .hooks import sample_value  # deferred: hooks imports lm-eval
-
     out: dict[str, dict] = {}
     for task, rows in samples.items():
         reported = tasks.get(task, {})

@@ -20,7 +20,6 @@ undefined when the clinical model does not differ from the instruct model on C.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -28,9 +27,13 @@ from ..errors import InputError, MedmergeError
 from ..io.records import NotText, read_json
 from ..io.writer import atomic_output_dir, check_output
 from ..runtime import pyplot
+from ..merging.deltas import render_markdown as render_task_vectors
+from ..merging.deltas import task_vectors
+from .bootstrap import Bootstrap, relative_intervals, tasks_of
 from .results import SCHEMA
+from .scores import (ACCURACY_LIKE, _mean, default_clinical_parts, on_scale, pick,  # noqa: F401  (re-exported)
+                     relative_scores, summary_scores)
 
-ACCURACY_LIKE = ("acc", "acc_norm", "exact_match")
 IF_DEFAULT = "mm_ifeval/mean"
 
 
@@ -93,67 +96,6 @@ def check_metric(spec: str, flag: str, entries: Sequence[tuple[str, str, dict]],
         raise InputError(f"{flag} {spec}: no input has it; metrics found: {shown or 'none'}")
     if lacking:
         notes.append(f"{spec} is missing from {', '.join(lacking)}: their score using it is undefined")
-
-
-def on_scale(metric: str, value: Optional[float]) -> Optional[float]:
-    """0-100 scale: accuracies (0-1) are multiplied by 100; generation metrics already are 0-100."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    base = metric.split(",")[0]
-    if base in ACCURACY_LIKE or base.endswith("_acc") or base.startswith(("prompt_level", "inst_level")):
-        return value * 100
-    return value
-
-
-def pick(results: dict, spec: str) -> Optional[float]:
-    """Score named TASK/METRIC (or TASK/mean) on the 0-100 scale; None if the results lack it."""
-    if "/" not in spec:
-        raise MedmergeError(f"metric {spec!r}: use TASK/METRIC, e.g. mm_ifeval/prompt_level_strict_acc")
-    task, metric = spec.split("/", 1)
-    row = results["tasks"].get(task)
-    if row is None:
-        return None
-    if metric == "mean":
-        values = [on_scale(m, v) for m, v in row.items() if not m.endswith("acc_norm")]
-        values = [v for v in values if v is not None]
-        return sum(values) / len(values) if values else None
-    return on_scale(metric, row.get(metric))
-
-
-def default_clinical_parts(all_results: Sequence[dict], if_task: str) -> list[str]:
-    shared = set.intersection(*(set(r["tasks"]) for r in all_results)) - {if_task}
-    parts = []
-    for task in sorted(shared):
-        rows = [r["tasks"][task] for r in all_results]
-        for metric in ("composite", "acc"):
-            if all(row.get(metric) is not None for row in rows):
-                parts.append(f"{task}/{metric}")
-                break
-    return parts
-
-
-def _mean(values: list[Optional[float]]) -> Optional[float]:
-    if not values or any(v is None for v in values):
-        return None
-    return sum(values) / len(values)
-
-
-def summary_scores(results: dict, if_metric: str, clinical_parts: Sequence[str]) -> dict:
-    """{if_score, clinical_score} of one results dict (0-100 scale; None where a part is missing)."""
-    return {"if_score": pick(results, if_metric),
-            "clinical_score": _mean([pick(results, p) for p in clinical_parts]) if clinical_parts else None}
-
-
-def relative_scores(s: dict, instruct: Optional[dict], clinical: Optional[dict]) -> dict:
-    """IF retention and clinical gain kept of summary scores `s` (the formulas above); None where undefined."""
-    retention = (100 * s["if_score"] / instruct["if_score"]
-                 if instruct and s["if_score"] is not None and instruct["if_score"] else None)
-    gain = None
-    if instruct and clinical and None not in (s["clinical_score"], instruct["clinical_score"], clinical["clinical_score"]):
-        span = clinical["clinical_score"] - instruct["clinical_score"]
-        if abs(span) > 1e-9:
-            gain = 100 * (s["clinical_score"] - instruct["clinical_score"]) / span
-    return {"if_retention_pct": retention, "clinical_gain_kept_pct": gain}
 
 
 def parse_references(items: Sequence[str]) -> dict[str, Path]:
@@ -272,8 +214,6 @@ def compare(
 
 def _relative_intervals(res: dict, by_name: dict, if_metric: str, parts: list[str], replicates: int,
                         seed: int) -> dict:
-    from .bootstrap import Bootstrap, relative_intervals, tasks_of
-
     models = {"model": res.get("per_doc") or {}, "instruct": by_name["instruct"].get("per_doc") or {}}
     if "clinical" in by_name:
         models["clinical"] = by_name["clinical"].get("per_doc") or {}
@@ -287,8 +227,6 @@ def _relative_intervals(res: dict, by_name: dict, if_metric: str, parts: list[st
 
 def _task_vectors(base: str | Path, entries: list[tuple[str, str, dict]], notes: list[str]) -> Optional[dict]:
     """Task vectors from `base` of every compared model whose results name its model folder."""
-    from ..merging.deltas import task_vectors
-
     models, base_path = {}, Path(base).absolute()
     for name, _, res in entries:
         path = (res.get("model") or {}).get("path")
@@ -356,8 +294,6 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {r['name']} | {_fmt(d['if_score'], 2)} | {_fmt(d['clinical_score'], 2)} | "
                          + " | ".join(_fmt(d.get(k), 4) for k in metric_keys) + " |")
     if report.get("task_vectors"):
-        from ..merging.deltas import render_markdown as render_task_vectors
-
         lines += ["", "Mergeability (task vectors from the base):", "", render_task_vectors(report["task_vectors"])]
     if report["notes"]:
         lines += [""] + [f"note: {n}" for n in report["notes"]]
