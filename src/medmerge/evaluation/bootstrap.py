@@ -83,13 +83,6 @@ class Interval:
         return {"value": self.value, "low": self.low, "high": self.high, "confidence": self.confidence,
                 "replicates": self.replicates}
 
-    def text(self, digits: int = 1) -> str:
-        if self.value is None:
-            return "-"
-        if self.low is None:
-            return f"{self.value:.{digits}f}"
-        return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
-
 
 class Bootstrap:
     """Paired, per-task stratified resampling of the documents the given models share.
@@ -212,3 +205,20 @@ def verdict(diff: Optional[Interval], tolerance: float) -> str:
     if diff.high < -tolerance:
         return "does not hold"
     return "cannot tell at this sample size"
+
+
+def retention_intervals(point: Optional[PerDoc], instruct: Optional[PerDoc], clinical: Optional[PerDoc], if_metric: str,
+                        clinical_parts: Sequence[str], *, replicates: int = DEFAULT_REPLICATES, seed: int = 0) -> dict:
+    """{if_retention_ci, clinical_gain_kept_ci} of a model against the instruct (and clinical) references from their
+    per-document values; None where a model lacks them or was scored on other documents than the references."""
+    models = {"point": point or {}, "instruct": instruct or {}}
+    if clinical is not None:
+        models["clinical"] = clinical
+    none = {"if_retention_ci": None, "clinical_gain_kept_ci": None}
+    try:
+        boot = Bootstrap(models, tasks_of([if_metric, *clinical_parts]), replicates=replicates, seed=seed)
+    except InputError:
+        return none
+    ci = relative_intervals(boot, "point", "instruct", "clinical" if clinical is not None else None, if_metric,
+                            list(clinical_parts))
+    return {"if_retention_ci": ci["if_retention_pct"], "clinical_gain_kept_ci": ci["clinical_gain_kept_pct"]}

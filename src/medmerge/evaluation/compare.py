@@ -29,10 +29,9 @@ from ..io.writer import atomic_output_dir, check_output
 from ..runtime import pyplot
 from ..merging.deltas import render_markdown as render_task_vectors
 from ..merging.deltas import task_vectors
-from .bootstrap import Bootstrap, relative_intervals, tasks_of
+from .bootstrap import retention_intervals
 from .results import SCHEMA
-from .scores import (ACCURACY_LIKE, _mean, default_clinical_parts, on_scale, pick,  # noqa: F401  (re-exported)
-                     relative_scores, summary_scores)
+from .scores import default_clinical_parts, relative_scores, summary_scores
 
 IF_DEFAULT = "mm_ifeval/mean"
 
@@ -186,7 +185,10 @@ def compare(
                 deltas[key] = None if a is None or b is None else a - b
             row["deltas"][ref] = deltas
         row.update(relative_scores(s, instruct, clinical))
-        row.update(_relative_intervals(res, by_name, if_metric, parts, replicates, seed) if instruct else {})
+        if instruct:
+            row.update(retention_intervals(res.get("per_doc"), by_name["instruct"].get("per_doc"),
+                                           (by_name.get("clinical") or {}).get("per_doc") if clinical else None,
+                                           if_metric, parts, replicates=replicates, seed=seed))
         rows.append(row)
     if instruct and clinical and clinical["clinical_score"] is not None and instruct["clinical_score"] is not None \
             and abs(clinical["clinical_score"] - instruct["clinical_score"]) <= 1e-9:
@@ -210,19 +212,6 @@ def compare(
     if out is not None:
         write_report(Path(out), report, force)
     return report
-
-
-def _relative_intervals(res: dict, by_name: dict, if_metric: str, parts: list[str], replicates: int,
-                        seed: int) -> dict:
-    models = {"model": res.get("per_doc") or {}, "instruct": by_name["instruct"].get("per_doc") or {}}
-    if "clinical" in by_name:
-        models["clinical"] = by_name["clinical"].get("per_doc") or {}
-    try:
-        boot = Bootstrap(models, tasks_of([if_metric, *parts]), replicates=replicates, seed=seed)
-    except InputError:
-        return {"if_retention_ci": None, "clinical_gain_kept_ci": None}
-    ci = relative_intervals(boot, "model", "instruct", "clinical" if "clinical" in models else None, if_metric, parts)
-    return {"if_retention_ci": ci["if_retention_pct"], "clinical_gain_kept_ci": ci["clinical_gain_kept_pct"]}
 
 
 def _task_vectors(base: str | Path, entries: list[tuple[str, str, dict]], notes: list[str]) -> Optional[dict]:

@@ -37,7 +37,7 @@ from ..errors import InputError
 from ..evaluation import runner
 from ..evaluation.bootstrap import Bootstrap, difference_interval, tasks_of, verdict
 from ..evaluation.compare import fmt_score as _f
-from ..evaluation.compare import summary_scores
+from ..evaluation.scores import summary_scores
 from ..io.paths import safe_name, under
 from ..merging import merge
 from ..runtime import library_versions

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from ...errors import ConfigError, InputError
-from ...evaluation.bootstrap import Bootstrap, relative_intervals, tasks_of
-from ...evaluation.compare import default_clinical_parts, relative_scores, summary_scores
+from ...errors import ConfigError
+from ...evaluation.bootstrap import retention_intervals
+from ...evaluation.scores import default_clinical_parts, relative_scores, summary_scores
 from .config import SweepConfig
 from .evaluator import Scored, SweepEvaluator
 from .points import Point, Roles
@@ -74,15 +74,8 @@ def add_relative(rows: list[dict], refs: dict[str, dict], roles: Roles, if_metri
     for r in rows:
         r.update(relative_scores(r, general, domain))
         r["if_retention_ci"] = r["clinical_gain_kept_ci"] = None
-        if if_metric is None or general is None or r is general or r.get("kind") == "reference":
+        if if_metric is None or general is None or r.get("kind") == "reference":
             continue
-        models = {"point": r.get("per_doc") or {}, "general": general.get("per_doc") or {}}
-        if domain is not None:
-            models["domain"] = domain.get("per_doc") or {}
-        try:
-            boot = Bootstrap(models, tasks_of([if_metric, *clinical_parts]), replicates=replicates, seed=seed)
-        except InputError:  # other documents than the references: no paired interval
-            continue
-        ci = relative_intervals(boot, "point", "general", "domain" if domain is not None else None, if_metric,
-                                list(clinical_parts))
-        r["if_retention_ci"], r["clinical_gain_kept_ci"] = ci["if_retention_pct"], ci["clinical_gain_kept_pct"]
+        r.update(retention_intervals(r.get("per_doc"), general.get("per_doc"),
+                                     domain.get("per_doc") if domain is not None else None, if_metric,
+                                     clinical_parts, replicates=replicates, seed=seed))
