@@ -15,7 +15,7 @@ from medmerge.training.config import load_config
 from medmerge.training.trainer import train
 import yaml
 
-ROOT = Path("/tmp/exp")
+ROOT = Path(os.environ.get("EXP_ROOT", "/tmp/exp"))
 R = json.loads(sys.argv[1])  # recipe overrides
 name = sys.argv[2]
 preset = R.get("preset", "full")
@@ -47,7 +47,7 @@ if not (init / "config.json").is_file():
     B._init_model(init, d / "tokenizer", s, 0)
 bp = {"steps": s.base_steps, "lr": s.base_lr, "share": s.base_clinical_share, **R.get("base", {})}
 gen, clin = d / "corpora" / "general.txt", d / "corpora" / "clinical.txt"
-bt = Path(f"/tmp/exp/bt-{wkey}-{bp['share']}.txt")
+bt = Path(f"{ROOT}/bt-{wkey}-{bp['share']}.txt")
 bt = bt if bt.is_file() else B._mixed_text([(gen, 1 - bp["share"]), (clin, bp["share"])], ROOT / f"bt-{wkey}-{bp['share']}.txt", 0)
 bdata = {"path": str(bt)}
 if bp.get("formatted"):
@@ -67,9 +67,32 @@ if bp.get("formatted"):
     bdata = {"path": str(fj), "format": "jsonl", "text": "text"}
 base = run("base", "pt", init, bdata, bp)
 ip = {"steps": s.instruct_steps, "lr": s.instruct_lr, **R.get("instruct", {})}
-instruct = run("instruct", "sft", base, {"path": str(d / "sft" / "instructions.jsonl")}, ip, R.get("instruct_extra"))
+sft_path = d / "sft" / "instructions.jsonl"
+if R.get("cont"):  # document-continuation SFT examples over general text (prefix -> next 1-2 sentences)
+    import random, re
+    from medmerge.miniclinic import corpora
+    sj = ROOT / f"sft-{wkey}-c{R['cont']}.jsonl"
+    if not sj.is_file():
+        rng = random.Random("continuation")
+        rows = [json.loads(l) for l in open(sft_path) if l.strip()]
+        rows = [{"prompt": r["prompt"], "response": r["response"]} for r in rows]
+        n = round(len(rows) * R["cont"])
+        while n:
+            sents = re.split(r"(?<=[.!?]) ", corpora.general_document(rng))
+            if len(sents) < 3:
+                continue
+            k = rng.randint(2, len(sents) - 1)
+            m = rng.choice((1, 1, 2))
+            rows.append({"prompt": " ".join(sents[:k]), "response": " ".join(sents[k:k + m])})
+            n -= 1
+        rng.shuffle(rows)
+        with open(sj, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    sft_path = sj
+instruct = run("instruct", "sft", base, {"path": str(sft_path)}, ip, R.get("instruct_extra"))
 cp = {"steps": s.clinical_steps, "lr": s.clinical_lr, "replay": 0.5, **R.get("clinical", {})}
-ct = Path(f"/tmp/exp/ct-{wkey}-{cp['replay']}.txt")
+ct = Path(f"{ROOT}/ct-{wkey}-{cp['replay']}.txt")
 ct = ct if ct.is_file() else B._mixed_text([(clin, 1 - cp["replay"]), (gen, cp["replay"])], ROOT / f"ct-{wkey}-{cp['replay']}.txt", 1)
 clinical = run("clinical", "pt", base, {"path": str(ct)}, cp, R.get("clinical_extra"))
 models = {"base": str(base), "instruct": str(instruct), "clinical": str(clinical)}
@@ -100,12 +123,16 @@ refs = summ["references"]
 I, C = refs["instruct"], refs["clinical"]
 gain = C["clinical_score"] - I["clinical_score"]
 print(f"sweep {time.time()-t0:.0f}s")
+def comp(r):
+    t = r.get("tasks", {})
+    return f"mcq {100*t.get('mm_miniclinic_mcq', {}).get('acc', float('nan')):5.1f} rougeL {t.get('mm_miniclinic_gen', {}).get('rougeL', float('nan')):5.1f}"
+rows = {p["label"]: p for p in (json.loads(l) for l in open(sd / "sweep.jsonl") if l.strip())}
 for n, r in refs.items():
-    print(f"  ref {n:12s} IF {r['if_score']:5.1f} clin {r['clinical_score']:5.1f}")
+    print(f"  ref {n:12s} IF {r['if_score']:5.1f} clin {r['clinical_score']:5.1f}", comp(rows.get(n, r)))
 pts = [json.loads(l) for l in open(sd / "sweep.jsonl") if l.strip()]
 pts = [p for p in pts if p["kind"] != "reference"]
 for p in pts:
     ret = 100 * p["if_score"] / I["if_score"] if I["if_score"] else 0
     kept = 100 * (p["clinical_score"] - I["clinical_score"]) / gain if gain else 0
-    print(f"  {p['label']:32s} IF {p['if_score']:5.1f} ({ret:4.0f}%) clin {p['clinical_score']:5.1f} (gain kept {kept:4.0f}%)")
+    print(f"  {p['label']:32s} IF {p['if_score']:5.1f} ({ret:4.0f}%) clin {p['clinical_score']:5.1f} (gain kept {kept:4.0f}%)", comp(p))
 print("gain", round(gain, 1))
