@@ -47,8 +47,10 @@ if not (init / "config.json").is_file():
     B._init_model(init, d / "tokenizer", s, 0)
 bp = {"steps": s.base_steps, "lr": s.base_lr, "share": s.base_clinical_share, **R.get("base", {})}
 gen, clin = d / "corpora" / "general.txt", d / "corpora" / "clinical.txt"
-bt = Path(f"{ROOT}/bt-{wkey}-{bp['share']}.txt")
-bt = bt if bt.is_file() else B._mixed_text([(gen, 1 - bp["share"]), (clin, bp["share"])], ROOT / f"bt-{wkey}-{bp['share']}.txt", 0)
+def mixed(name, parts, seed):  # a cached mixed-text corpus (build._mixed_text)
+    path = ROOT / name
+    return path if path.is_file() else B._mixed_text(parts, path, seed)
+bt = mixed(f"bt-{wkey}-{bp['share']}.txt", [(gen, 1 - bp["share"]), (clin, bp["share"])], 0)
 bdata = {"path": str(bt)}
 if bp.get("formatted"):
     import random
@@ -92,8 +94,7 @@ if R.get("cont"):  # document-continuation SFT examples over general text (prefi
     sft_path = sj
 instruct = run("instruct", "sft", base, {"path": str(sft_path)}, ip, R.get("instruct_extra"))
 cp = {"steps": s.clinical_steps, "lr": s.clinical_lr, "replay": 0.5, **R.get("clinical", {})}
-ct = Path(f"{ROOT}/ct-{wkey}-{cp['replay']}.txt")
-ct = ct if ct.is_file() else B._mixed_text([(clin, 1 - cp["replay"]), (gen, cp["replay"])], ROOT / f"ct-{wkey}-{cp['replay']}.txt", 1)
+ct = mixed(f"ct-{wkey}-{cp['replay']}.txt", [(clin, 1 - cp["replay"]), (gen, cp["replay"])], 1)
 clinical = run("clinical", "pt", base, {"path": str(ct)}, cp, R.get("clinical_extra"))
 models = {"base": str(base), "instruct": str(instruct), "clinical": str(clinical)}
 if R.get("ft", True):
@@ -104,6 +105,7 @@ from medmerge.merging.deltas import task_vectors
 tv = task_vectors(base, {"instruct": instruct, "clinical": clinical})
 print("deltas", {m: {g: round(v[g]["relative_norm"], 3) for g in ("non_embedding", "embedding")} for m, v in tv["models"].items()},
       "cos", {g: (None if tv["cosines"][0][g] is None else round(tv["cosines"][0][g], 3)) for g in ("non_embedding", "embedding")}, flush=True)
+from medmerge.evaluation.compare import fmt_with_ci
 from medmerge.experiments import demo
 from medmerge.experiments.sweep.run import run as run_sweep
 def ta(i, c):
@@ -120,19 +122,17 @@ shutil.rmtree(sd, ignore_errors=True); sd.parent.mkdir(exist_ok=True, parents=Tr
 t0 = time.time()
 summ = run_sweep(ROOT / f"{name}.yml", sd, progress=False)
 refs = summ["references"]
-I, C = refs["instruct"], refs["clinical"]
-gain = C["clinical_score"] - I["clinical_score"]
 print(f"sweep {time.time()-t0:.0f}s")
 def comp(r):
     t = r.get("tasks", {})
     return f"mcq {100*t.get('mm_miniclinic_mcq', {}).get('acc', float('nan')):5.1f} rougeL {t.get('mm_miniclinic_gen', {}).get('rougeL', float('nan')):5.1f}"
-rows = {p["label"]: p for p in (json.loads(l) for l in open(sd / "sweep.jsonl") if l.strip())}
+rows = [json.loads(l) for l in open(sd / "sweep.jsonl") if l.strip()]
+by_label = {p["label"]: p for p in rows}
 for n, r in refs.items():
-    print(f"  ref {n:12s} IF {r['if_score']:5.1f} clin {r['clinical_score']:5.1f}", comp(rows.get(n, r)))
-pts = [json.loads(l) for l in open(sd / "sweep.jsonl") if l.strip()]
-pts = [p for p in pts if p["kind"] != "reference"]
-for p in pts:
-    ret = 100 * p["if_score"] / I["if_score"] if I["if_score"] else 0
-    kept = 100 * (p["clinical_score"] - I["clinical_score"]) / gain if gain else 0
-    print(f"  {p['label']:32s} IF {p['if_score']:5.1f} ({ret:4.0f}%) clin {p['clinical_score']:5.1f} (gain kept {kept:4.0f}%)", comp(p))
-print("gain", round(gain, 1))
+    print(f"  ref {n:12s} IF {r['if_score']:5.1f} clin {r['clinical_score']:5.1f}", comp(by_label.get(n, r)))
+for p in rows:  # retention and gain kept as the sweep computed them (evaluation.scores), with their intervals
+    if p["kind"] != "reference":
+        print(f"  {p['label']:32s} IF {p['if_score']:5.1f} ({fmt_with_ci(p['if_retention_pct'], p.get('if_retention_ci'))}%) "
+              f"clin {p['clinical_score']:5.1f} (gain kept {fmt_with_ci(p['clinical_gain_kept_pct'], p.get('clinical_gain_kept_ci'))}%)",
+              comp(p))
+print("gain", round(refs["clinical"]["clinical_score"] - refs["instruct"]["clinical_score"], 1))
