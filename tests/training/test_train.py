@@ -215,3 +215,25 @@ def test_freeze_keeps_matching_parameters_bit_identical(world, tmp_path):
         train(load_config(_config(world, "fr2", freeze=["model.embedding"])), tmp_path / "fr2", progress=False)
     with pytest.raises(ConfigError, match="freeze is for full fine-tuning"):
         load_config(_config(world, "fr3", freeze=["*"], lora={"r": 2}))
+
+
+def test_freeze_unseen_tokens_keeps_the_rows_of_absent_tokens(world, tmp_path):
+    from transformers import AutoTokenizer
+
+    cfg = load_config(_config(world, "fu", stage="pt", data={"path": "text.txt"}, freeze_unseen_tokens=True))
+    res = train(cfg, tmp_path / "fu", progress=False)
+    before, after = load_file(str(world / "base" / "model.safetensors")), load_file(str(tmp_path / "fu" / "model.safetensors"))
+    tok = AutoTokenizer.from_pretrained(str(world / "base"))
+    seen = {i for line in (world / "text.txt").read_text().splitlines()
+            for i in tok(line, add_special_tokens=False)["input_ids"]} | {tok.eos_token_id}  # EOS between documents
+    matrices = [k for k in ("model.embed_tokens.weight", "lm_head.weight") if k in before]
+    for key in matrices:
+        moved = {i for i in range(before[key].shape[0]) if not torch.equal(before[key][i], after[key][i])}
+        assert moved == seen, key  # the rows of the tokens in the data moved, and only those
+    assert 0 < res.record["unseen_token_rows_frozen"] == before[matrices[0]].shape[0] - len(seen)
+    other = [k for k in before if k not in matrices and k.endswith("proj.weight")]
+    assert other and all(not torch.equal(before[k], after[k]) for k in other)  # the layers trained as usual
+    with pytest.raises(ConfigError, match="freeze_unseen_tokens is for full fine-tuning"):
+        load_config(_config(world, "fu2", freeze_unseen_tokens=True, lora={"r": 2}))
+    with pytest.raises(ConfigError, match="freeze_unseen_tokens needs training.weight_decay 0"):
+        load_config(_config(world, "fu3", freeze_unseen_tokens=True, training={**TRAIN, "weight_decay": 0.1}))

@@ -85,6 +85,11 @@ class TrainConfig(Finite):
     # full fine-tuning: parameters whose names match one of these globs (fnmatch, e.g. "model.embed_tokens.*",
     # "*.layers.0.*") are not trained; every pattern must match a parameter (tied weights match under both names)
     freeze: list[str] = []
+    # full fine-tuning: embedding rows (input and output; one matrix when tied) of tokens that occur nowhere in this
+    # stage's examples keep their values. Without it, the softmax's push-down gradient moves every row and Adam
+    # scales even tiny gradients to full steps, so a fine-tune rewrites tokens it never sees (the chat tokens
+    # during clinical pre-training, say), far more than a real fine-tune at a 100x smaller learning rate does
+    freeze_unseen_tokens: bool = False
     training: TrainingSettings = TrainingSettings()
 
     @field_validator("chat_template")
@@ -100,6 +105,12 @@ class TrainConfig(Finite):
             raise ValueError("after_adapter needs a lora: section (the second stage trains a fresh adapter)")
         if self.merge_after_adapter and self.after_adapter is None:
             raise ValueError("merge_after_adapter needs after_adapter")
+        if self.freeze_unseen_tokens and self.lora is not None:
+            raise ValueError("freeze_unseen_tokens is for full fine-tuning; a LoRA adapter leaves the embeddings as "
+                             "they are already")
+        if self.freeze_unseen_tokens and self.training.weight_decay > 0:
+            raise ValueError("freeze_unseen_tokens needs training.weight_decay 0: AdamW's decay would still shrink "
+                             "the rows it keeps fixed")
         if self.freeze and self.lora is not None:
             raise ValueError("freeze is for full fine-tuning; with a lora: section the base weights are frozen already")
         if any(not p.strip() for p in self.freeze):

@@ -247,6 +247,26 @@ def _load_model(cfg: TrainConfig, device: str):
     return model
 
 
+def freeze_unseen_token_rows(model, examples: Sequence[dict]) -> int:
+    """Keep the embedding rows of tokens absent from every example's input_ids fixed; return how many rows that is.
+
+    The gradients of those rows are zeroed by a hook, so Adam's moments stay zero and the rows do not move
+    (the config refuses weight decay with this option: AdamW's decay would still shrink them). Input and
+    output embeddings are masked alike; a tied model has one matrix."""
+    seen = torch.zeros(model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
+    for ex in examples:
+        seen[torch.as_tensor(ex["input_ids"], dtype=torch.long)] = True
+    matrices = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                if m is not None and m.weight.requires_grad}
+    for weight in matrices.values():
+        mask = seen.to(device=weight.device, dtype=weight.dtype).unsqueeze(1)
+        if weight.shape[0] != mask.shape[0]:
+            raise ConfigError(f"freeze_unseen_tokens: an embedding matrix has {weight.shape[0]} rows but the input "
+                              f"embeddings have {mask.shape[0]}; untie or resize them first")
+        weight.register_hook(lambda grad, mask=mask: grad * mask)
+    return int((~seen).sum())
+
+
 def freeze_parameters(model, patterns: Sequence[str], where: object = "the model") -> list[str]:
     """Stop training every parameter whose name matches one of `patterns` (fnmatch globs); return their names.
 
@@ -379,6 +399,7 @@ def _train(cfg: TrainConfig, out: Path, *, force, resume, progress, callbacks, d
         (work / RUN_RECORD).write_text(json.dumps(started, indent=2) + "\n")
     set_seed(cfg.seed)  # before the adapter is created: its random A init comes from the recorded seed
     model = (build_model or _load_model)(cfg, device)
+    unseen_rows = freeze_unseen_token_rows(model, examples) if cfg.freeze_unseen_tokens else None
     t = cfg.training
     args = TrainingArguments(
         output_dir=str(work), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
@@ -410,6 +431,7 @@ def _train(cfg: TrainConfig, out: Path, *, force, resume, progress, callbacks, d
         "kind": "lora_adapter" if cfg.lora else "full_model",
         "frozen": sorted(n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad)
         if cfg.freeze else [],
+        **({"unseen_token_rows_frozen": unseen_rows} if unseen_rows is not None else {}),
         "base": {"path": str(base_path), "fingerprint": base_fp},
         "after_adapter": previous,
         "data": data_record,
