@@ -37,11 +37,17 @@ TASKS = ["mm_miniclinic_if", "mm_miniclinic_mcq", "mm_miniclinic_gen"]
 SCORES = {"if_metric": "mm_miniclinic_if/prompt_level_strict_acc",
           "clinical_metrics": ["mm_miniclinic_mcq/acc", "mm_miniclinic_gen/rougeL"]}
 GRID = [
-    {"method": "linear", "t": [0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9]},
-    {"method": "slerp", "t": [0.1, 0.2, 0.3, 0.5, 0.7]},
-    {"method": "task_arithmetic", "t": [0.1, 0.3, 0.5]},
+    {"method": "linear", "t": [0.1, 0.2, 0.3, 0.5, 0.7]},
+    {"method": "slerp", "t": [0.1, 0.3, 0.5]},
+    # lambda scales the summed task vectors: at t = 1/3 and lambda 1.8 that is base + 1.2 instruct + 0.6 clinical.
+    # Instruction following sits on a ridge at full instruct weight, so the (t, 1 - t) weights alone (lambda 1)
+    # fall off it as soon as clinical gets any weight
+    {"method": "task_arithmetic", "t": [0.3, 0.35, 0.4], "lambda": [1.0, 1.5, 1.8]},
     {"method": "ties", "t": [0.1, 0.3, 0.5, 0.7], "density": [0.5]},
-    {"method": "dare_ties", "t": [0.1, 0.3, 0.5, 0.7], "density": [0.5]},
+    # TIES on the same ridge: unnormalised weights scaled by lambda, as task arithmetic above, with trimming and
+    # sign election on top (density 0.9 keeps most of each task vector)
+    {"method": "ties", "t": [0.3, 0.35, 0.4], "density": [0.9], "lambda": [1.8], "normalize": [False]},
+    {"method": "dare_ties", "t": [0.3, 0.5, 0.7], "density": [0.5]},
 ]
 PRESETS = {
     # eval documents per task, few-shot steps (the same for every k and start)

@@ -62,6 +62,10 @@ class Schedule:
     clinical_lr: float = 5e-4
     ft_steps: int = 300
     ft_lr: float = 2e-3
+    # instruct and clinical keep the embedding rows of tokens their data never shows (trainer option
+    # freeze_unseen_tokens): under Adam at these learning rates the softmax's push-down gradient on unseen rows
+    # becomes a full-size step, so each fine-tune would rewrite the other's tokens (docs/miniclinic.md, f3)
+    freeze_unseen_tokens: bool = True
     eval_limit: Optional[int] = None
     eval_max_new_tokens: int = 48
     threads: int = 2
@@ -72,7 +76,8 @@ SCHEDULES = {
     # world (a helper measured held-out MCQ 0.66 after 500 steps @ 3e-3 on clinical text alone)
     "quick": Schedule(base_steps=200, instruct_steps=150, clinical_steps=250, clinical_lr=2e-3, ft_steps=100,
                       batch=16, eval_limit=50),
-    "full": Schedule(clinical_steps=500, clinical_lr=2e-3),
+    # 1000 SFT steps lift instruct's IF over 0.5 (400 gave 0.30); instruct_ft needs fewer steps to forget
+    "full": Schedule(instruct_steps=1000, clinical_steps=500, clinical_lr=2e-3, ft_steps=200),
 }
 
 
@@ -128,8 +133,8 @@ def _init_model(folder: Path, tokenizer_dir: Path, s: Schedule, seed: int) -> Pa
 
 
 def _train(name: str, stage: str, model: Path, data: dict, steps: int, lr: float, s: Schedule, out: Path,
-           seed: int, progress: bool) -> dict:
-    raw = {
+           seed: int, progress: bool, freeze_unseen_tokens: bool = False) -> dict:
+    raw = {"freeze_unseen_tokens": freeze_unseen_tokens,
         "stage": stage, "model": str(model), "data": data, "seed": seed, "max_seq_length": s.seq_len,
         "training": {"max_steps": steps, "batch_size": s.batch, "lr": lr, "scheduler": "cosine",
                      "warmup_ratio": 0.05, "logging_steps": max(1, steps // 20), "save_steps": 10 ** 9,
@@ -230,9 +235,10 @@ def build(out: str | Path, preset: str = "quick", seed: int = 0, *, force: bool 
         runs.append(_train("base", "pt", init, {"path": str(base_text)}, s.base_steps, s.base_lr, s,
                            models / "base", seed, progress))
         runs.append(_train("instruct", "sft", models / "base", {"path": str(d / "sft" / "instructions.jsonl")},
-                           s.instruct_steps, s.instruct_lr, s, models / "instruct", seed, progress))
+                           s.instruct_steps, s.instruct_lr, s, models / "instruct", seed, progress,
+                           s.freeze_unseen_tokens))
         runs.append(_train("clinical", "pt", models / "base", {"path": str(clin_text)}, s.clinical_steps,
-                           s.clinical_lr, s, models / "clinical", seed, progress))
+                           s.clinical_lr, s, models / "clinical", seed, progress, s.freeze_unseen_tokens))
         runs.append(_train("instruct_ft", "sft", models / "instruct",
                            {"path": str(d / "tasks" / "gen_train.jsonl"), "prompt_template": world.GEN_PROMPT,
                             "response": "impression"},
