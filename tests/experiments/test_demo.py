@@ -56,3 +56,32 @@ def test_shipped_sweep_and_fewshot_examples_validate(quick_world, tmp_path):
     assert len(expand_grid(cfg.grid)) == 31 and cfg.search.layer_groups == 2
     few, _ = load_fewshot(examples / "fewshot_miniclinic.yaml", tmp_path, [f"world.dir={world}"])
     assert few.k == [16, 64, 256] and few.claim.k == 64 and few.claim.versus_k == 256
+
+
+def test_finding_states_the_cure_the_front_and_the_dead_zone_per_setting():
+    from medmerge.experiments.demo import finding
+
+    def row(label, method, params, if_pct, gain_pct, pareto=False):
+        return {"kind": "grid", "label": label, "method": method, "params": params, "if_score": 0.7 * if_pct,
+                "clinical_score": 20 + 0.2 * gain_pct, "if_retention_pct": if_pct, "clinical_gain_kept_pct": gain_pct,
+                "if_retention_ci": {"low": if_pct - 10, "high": if_pct + 10}, "clinical_gain_kept_ci": None, "pareto": pareto}
+
+    rows = [{"kind": "reference", "label": "instruct", "method": None, "params": {}, "pareto": True},
+            row("ta t=0.3 l=1", "task_arithmetic", {"t": 0.3, "lambda": 1.0}, 13, 49.8),
+            row("ta t=0.35 l=1.8", "task_arithmetic", {"t": 0.35, "lambda": 1.8}, 95.7, 67.8, pareto=True),
+            row("ties t=0.4", "ties", {"t": 0.4, "density": 0.9}, 94.3, 71.8, pareto=True),
+            row("ties t=0.5", "ties", {"t": 0.5, "density": 0.9}, 89.9, 99.0),  # just under 90% of IF
+            row("linear t=0.2", "linear", {"t": 0.2}, 24.3, 23.9), row("linear t=0.3", "linear", {"t": 0.3}, 12.9, 40),
+            row("linear grad", "linear", {"t": [0.2, 0.8]}, 1, 1)]
+    f = finding({}, rows)
+    assert f["merges"] == 7 and f["keep_both"] == ["ta t=0.35 l=1.8", "ties t=0.4"]
+    assert f["top"]["label"] == "ties t=0.4" and f["pareto_methods"] == ["task_arithmetic", "ties"]
+    assert not f["front_is_l"]
+    # the dead zone names each setting, so lambda 1 at t = 0.3 is not mistaken for the lambda 1.8 curve
+    assert f["dead_zone"] == {"task_arithmetic lambda=1": [0.3], "linear": [0.2, 0.3, [0.2, 0.8]]}
+    assert ("Of 7 merges, 2 keep at least 90% of instruct's instruction following and at least 50% of the clinical "
+            "gain; the one keeping most of the gain, ties t=0.4, keeps 94.3 [84.3, 104.3]% of IF and 71.8% of the gain"
+            ) in f["statement"]
+    assert "Dead zone (under half of both skills): linear at t = 0.2, 0.3; task_arithmetic lambda=1 at t = 0.3." \
+        in f["statement"]
+    assert "L-shaped" in finding({}, [rows[0], rows[1]])["statement"]

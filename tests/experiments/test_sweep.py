@@ -166,6 +166,24 @@ def test_pareto_front_and_constrained_best_on_hand_made_points():
     assert best_under_constraint(rows, if_reference=100, if_retention_min=95, maximize="clinical_score") is None
 
 
+def test_scores_against_t_keep_each_setting_on_its_own_curve():
+    from medmerge.experiments.plots import vs_t_series
+
+    def row(method, params, if_score, clinical, **extra):
+        return {"kind": "grid", "method": method, "params": params, "if_score": if_score, "clinical_score": clinical,
+                **extra}
+
+    rows = [{"kind": "reference", "method": None, "params": {}, "if_score": 70, "clinical_score": 19},
+            row("task_arithmetic", {"t": 0.4, "lambda": 1.8}, 53, 34), row("task_arithmetic", {"t": 0.3, "lambda": 1.0}, 9, 29),
+            row("task_arithmetic", {"t": 0.35, "lambda": 1.8}, 67, 33), row("task_arithmetic", {"t": 0.4, "lambda": 1.0}, 4, 31),
+            row("linear", {"t": [0.2, 0.8]}, 1, 1),  # a per-layer gradient has no single t
+            row("linear", {"t": 0.5}, 2, 2, stopped_at_rung=0), row("linear", {"t": 0.1}, 45, 23)]
+    # two lambdas are two curves, never one line through the best of each t (which mixed merges)
+    assert vs_t_series(rows) == {("linear", ""): [(0.1, 45, 23)],
+                                 ("task_arithmetic", "lambda=1"): [(0.3, 9, 29), (0.4, 4, 31)],
+                                 ("task_arithmetic", "lambda=1.8"): [(0.35, 67, 33), (0.4, 53, 34)]}
+
+
 def test_rank_agreement_matches_scipy():
     x = [0.1, 0.4, 0.4, 0.9, 0.3, 0.7]
     y = [1.0, 3.0, 2.0, 5.0, 2.0, 4.0]

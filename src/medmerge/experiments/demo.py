@@ -31,6 +31,7 @@ from .fewshot import run as run_fewshot
 from .report import write_report
 from ..training.config import SEED_MAX
 from .rundir import open_run_dir
+from .sweep.points import setting, short
 from .sweep.run import run as run_sweep
 
 TASKS = ["mm_miniclinic_if", "mm_miniclinic_mcq", "mm_miniclinic_gen"]
@@ -109,10 +110,10 @@ def finding(summary: dict, rows: list[dict]) -> dict:
     front = sorted({r["method"] for r in rows if r.get("pareto") and r["kind"] != "reference"})
     middle = [r for r in merges if r.get("pareto") and r["if_retention_pct"] >= DEAD
               and r["clinical_gain_kept_pct"] >= DEAD]
-    dead: dict[str, list] = {}
+    dead: dict[str, list] = {}  # setting (method and every parameter but t) -> its t values in the dead zone
     for r in merges:
         if r["if_retention_pct"] < DEAD and r["clinical_gain_kept_pct"] < DEAD:
-            dead.setdefault(r["method"], []).append(r["params"].get("t"))
+            dead.setdefault(setting(r), []).append(r["params"].get("t"))
 
     def pct(r, key):
         return fmt_with_ci(r[f"{key}_pct"], r.get(f"{key}_ci"))
@@ -126,7 +127,7 @@ def finding(summary: dict, rows: list[dict]) -> dict:
     text.append(f"The Pareto front holds merges of {', '.join(front) if front else 'no method'}"
                 + ("" if middle else f", none of them above {DEAD:g}% of both skills (an L-shaped front)"))
     text.append("Dead zone (under half of both skills): " + ("; ".join(
-        f"{m} at t = {', '.join(f'{t:g}' for t in sorted(t for t in ts if t is not None)) or '-'}"
+        f"{m} at t = {', '.join(short(t) for t in sorted(t for t in ts if isinstance(t, (int, float)))) or '-'}"
         for m, ts in sorted(dead.items())) if dead else "none"))
     return {"keep_if_pct": KEEP_IF, "keep_gain_pct": KEEP_GAIN, "merges": len(merges),
             "keep_both": [r["label"] for r in both], "top": top and {k: top.get(k) for k in (

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..runtime import pyplot
 from ..training.trainer import read_log
-from .sweep.points import t_value
+from .sweep.points import setting, t_value
 
 
 def loss_curves(runs: dict[str, str | Path], path: str | Path, title: str = "training loss") -> Path:
@@ -109,22 +109,36 @@ def plot_pareto(rows: list[dict], summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def vs_t_series(rows: list[dict]) -> dict[tuple[str, str], list[tuple[float, float | None, float | None]]]:
+    """A sweep's merges as curves against t: one series per (method, setting), the setting being every parameter
+    but t, each a list of (t, IF, clinical) sorted by t. Points with a per-layer t, and points stopped early, are
+    left out."""
+    series: dict[tuple[str, str], list] = {}
+    for r in rows:
+        t = t_value(r)
+        if r["kind"] == "reference" or t is None or r.get("stopped_at_rung") is not None:
+            continue
+        series.setdefault((r["method"], setting(r)[len(r["method"]):].strip()), []).append(
+            (t, r["if_score"], r["clinical_score"]))
+    return {key: sorted(pts, key=lambda p: p[0]) for key, pts in sorted(series.items())}
+
+
 def plot_vs_t(rows: list[dict], summary: dict, path: Path) -> None:
     plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    methods = sorted({r["method"] for r in rows if r["kind"] != "reference"})
-    colors = _colors(methods)
+    series = vs_t_series(rows)
+    colors = _colors(sorted({m for m, _ in series}))
+    styles = ("-", "--", ":", "-.")
+    nth: dict[str, int] = {}
+    for (m, rest), pts in series.items():
+        i = nth[m] = nth.get(m, -1) + 1  # the method's colour; its settings by line style and marker
+        for ax, col in ((axes[0], 1), (axes[1], 2)):
+            xy = [(p[0], p[col]) for p in pts if p[col] is not None]
+            if xy:
+                ax.plot([x for x, _ in xy], [y for _, y in xy], ls=styles[i % len(styles)], marker="osd^v"[i % 5],
+                        color=colors[m], label=f"{m} {rest}".strip())
     for ax, key, title in ((axes[0], "if_score", "instruction following"), (axes[1], "clinical_score", "clinical composite")):
-        for m in methods:
-            pts = sorted(((t_value(r), r[key]) for r in rows if r["method"] == m and t_value(r) is not None
-                          and r[key] is not None and r.get("stopped_at_rung") is None), key=lambda p: p[0])
-            # several points per t (densities, ...): plot their best
-            best: dict[float, float] = {}
-            for t, v in pts:
-                best[t] = max(v, best.get(t, -math.inf))
-            if best:
-                ax.plot(list(best), list(best.values()), marker="o", color=colors[m], label=m)
         for role, ref in summary["references"].items():
             if ref[key] is not None:
                 ax.axhline(ref[key], ls=":", lw=1, color="grey")
@@ -132,8 +146,10 @@ def plot_vs_t(rows: list[dict], summary: dict, path: Path) -> None:
         ax.set_xlabel(f"t (share of {summary['roles']['domain']}; {summary['roles']['general']} gets 1 - t)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:  # below both panels: settings labels are long
+        fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.045 * math.ceil(len(labels) / 3) if handles else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

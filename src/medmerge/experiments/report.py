@@ -126,7 +126,8 @@ def sweep_sections(folder: Path, run: Path) -> list[Section]:
                              f"evaluation {e['eval_seconds']} s, wall {summary['wall_time_s']} s.")
     plots = Section(f"Score against interpolation weight, and the Pareto front ({rel})")
     for name, caption in (("scores_vs_t.png", "Instruction following and clinical composite against t (the clinical "
-                           "model's share) for each method; dotted lines are the references."),
+                           "model's share): one line per method and setting (colour: method; line style: its "
+                           "other parameters); dotted lines are the references."),
                           ("pareto.png", "Every merge: instruction following against clinical composite; the dashed "
                            "line is the Pareto front, stars the references, the red circle the selected merge.")):
         if (folder / name).is_file():

@@ -68,12 +68,13 @@ class Point:
             return self.label
         if self.config is not None:
             return f"{self.method} (explicit config)"
-        return self.method + " " + " ".join(f"{k}={_short(v)}" for k, v in self.params.items())
+        return self.method + " " + " ".join(f"{k}={short(v)}" for k, v in self.params.items())
 
 
-def _short(v) -> str:
+def short(v) -> str:
+    """A parameter value as labels show it (floats with %g, lists in brackets)."""
     if isinstance(v, list):
-        return "[" + ",".join(_short(x) for x in v) + "]"
+        return "[" + ",".join(short(x) for x in v) + "]"
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
@@ -107,7 +108,7 @@ def _check_share(method: str, t, extrapolate: bool) -> None:
     for v in t if isinstance(t, list) else [t]:
         if not math.isfinite(v) or (not extrapolate and not 0 <= v <= 1):
             raise ConfigError(
-                f"sweep: {method} t={_short(t)}: {v!r} is outside [0, 1]: t is the domain model's share "
+                f"sweep: {method} t={short(t)}: {v!r} is outside [0, 1]: t is the domain model's share "
                 "(0 = the general model, 1 = the domain model)"
                 + ("" if not math.isfinite(v) else f"; set `{EXTRAPOLATE}: true` in that grid entry to go beyond "
                    "the two models"))
@@ -231,6 +232,13 @@ def layer_gradient(values: Sequence[float]) -> list[float] | float:
     """Per-layer-group values -> a mergekit gradient (a single group is a scalar)."""
     vals = [round(float(v), 6) for v in values]
     return vals[0] if len(vals) == 1 else vals
+
+
+def setting(row: dict) -> str:
+    """A scored row's method and every parameter but t ("task_arithmetic lambda=1.8"): the points of one curve
+    against t."""
+    rest = " ".join(f"{k}={short(v)}" for k, v in sorted((row.get("params") or {}).items()) if k != "t")
+    return f"{row['method']} {rest}".strip()
 
 
 def t_value(row: dict):
