@@ -73,7 +73,9 @@ def test_finding_states_the_cure_the_front_and_the_dead_zone_per_setting():
             row("ties t=0.5", "ties", {"t": 0.5, "density": 0.9}, 89.9, 99.0),  # just under 90% of IF
             row("linear t=0.2", "linear", {"t": 0.2}, 24.3, 23.9), row("linear t=0.3", "linear", {"t": 0.3}, 12.9, 40),
             row("linear grad", "linear", {"t": [0.2, 0.8]}, 1, 1)]
-    f = finding({}, rows)
+    refs = {"references": {"instruct": {"if_score": 70.0, "clinical_score": 19.2},
+                           "clinical": {"if_score": 0.0, "clinical_score": 39.3}}}
+    f = finding(refs, rows)
     assert f["merges"] == 7 and f["keep_both"] == ["ta t=0.35 l=1.8", "ties t=0.4"]
     assert f["top"]["label"] == "ties t=0.4" and f["pareto_methods"] == ["task_arithmetic", "ties"]
     assert not f["front_is_l"]
@@ -84,4 +86,11 @@ def test_finding_states_the_cure_the_front_and_the_dead_zone_per_setting():
             ) in f["statement"]
     assert "Dead zone (under half of both skills): linear at t = 0.2, 0.3; task_arithmetic lambda=1 at t = 0.3." \
         in f["statement"]
-    assert "L-shaped" in finding({}, [rows[0], rows[1]])["statement"]
+    assert "L-shaped" in finding(refs, [rows[0], rows[1]])["statement"]
+    # a clinical model no better than instruct (or an instruct that follows nothing) leaves nothing to keep a share of
+    refs["references"]["clinical"]["clinical_score"] = 17.2
+    weak = finding(refs, rows)
+    assert weak["keep_both"] == [] and weak["top"] is None and "gains -2.0 points" in weak["statement"]
+    refs["references"]["clinical"]["clinical_score"] = 39.3
+    refs["references"]["instruct"]["if_score"] = 4.0
+    assert "instruct follows only 4.0% of the prompts" in finding(refs, rows)["statement"]

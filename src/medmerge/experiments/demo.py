@@ -98,11 +98,27 @@ def forgetting(summary: dict) -> dict:
 
 KEEP_IF, KEEP_GAIN = 90.0, 50.0  # "the cure": a merge keeping this much of IF and of the clinical gain
 DEAD = 50.0  # a merge under this share of both skills is in the dead zone
+MIN_IF, MIN_GAIN = 5.0, 1.0  # below these (instruct's IF, the clinical gain; 0-100 points) shares are not judged
 
 
 def finding(summary: dict, rows: list[dict]) -> dict:
     """What the sweep found, in numbers: merges that keep both skills, the methods on the Pareto front, the dead
-    zone (merges under half of both instruct's instruction following and the clinical gain)."""
+    zone (merges under half of both instruct's instruction following and the clinical gain). Shares of a clinical
+    gain under MIN_GAIN points (or of instruct's IF under MIN_IF) mean nothing, so the statement says so instead."""
+    refs = summary.get("references") or {}
+    if_ref = (refs.get("instruct") or {}).get("if_score")
+    c_ins, c_clin = ((refs.get(m) or {}).get("clinical_score") for m in ("instruct", "clinical"))
+    gain = c_clin - c_ins if None not in (c_ins, c_clin) else None
+    weak = []
+    if if_ref is not None and if_ref < MIN_IF:
+        weak.append(f"instruct follows only {if_ref:.1f}% of the prompts")
+    if gain is not None and gain < MIN_GAIN:
+        weak.append(f"the clinical model gains {gain:+.1f} points over instruct")
+    if weak:
+        text = (f"No merge is judged: {' and '.join(weak)} (under {MIN_IF:g} and {MIN_GAIN:g}), so shares of them "
+                "would be noise. Train the references longer or evaluate more documents.")
+        return {"keep_if_pct": KEEP_IF, "keep_gain_pct": KEEP_GAIN, "merges": 0, "keep_both": [], "top": None,
+                "pareto_methods": [], "front_is_l": None, "dead_zone": {}, "statement": text}
     merges = [r for r in rows if r["kind"] != "reference" and r.get("if_retention_pct") is not None
               and r.get("clinical_gain_kept_pct") is not None]
     both = [r for r in merges if r["if_retention_pct"] >= KEEP_IF and r["clinical_gain_kept_pct"] >= KEEP_GAIN]
