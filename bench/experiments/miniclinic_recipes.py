@@ -47,10 +47,27 @@ if not (init / "config.json").is_file():
     B._init_model(init, d / "tokenizer", s, 0)
 bp = {"steps": s.base_steps, "lr": s.base_lr, "share": s.base_clinical_share, **R.get("base", {})}
 gen, clin = d / "corpora" / "general.txt", d / "corpora" / "clinical.txt"
+if R.get("gen_requests"):  # general text that also holds request-and-reply documents on general topics (no clinical
+    # subject, no fact), newlines as spaces: the everyday words instructions use, for base and the clinical replay
+    import random
+    from medmerge.miniclinic import instructions, knowledge, lexicon, tokenizer as tokmod
+    g2 = ROOT / f"gen-{wkey}-r{R['gen_requests']}.txt"
+    if not g2.is_file():
+        kb = knowledge.build(spec.n_conditions, spec.seed, {w.lower() for w in lexicon.words()})
+        rng = random.Random("general-requests")
+        b = instructions.Builder(kb, rng, tokmod.count_pieces, spec.max_response_tokens, 0.0)
+        held_out = {json.loads(l)["prompt"] for l in open(d / "eval" / "if.jsonl") if l.strip()}
+        docs = []
+        while len(docs) < R["gen_requests"]:
+            ex = b.example(rng.choice((0, 1, 2)))
+            if ex.prompt not in held_out:
+                docs.append((ex.prompt + " " + ex.response).replace("\n", " "))
+        g2.write_text(gen.read_text(encoding="utf-8") + "\n".join(docs) + "\n", encoding="utf-8")
+    gen = g2
 def mixed(name, parts, seed):  # a cached mixed-text corpus (build._mixed_text)
     path = ROOT / name
     return path if path.is_file() else B._mixed_text(parts, path, seed)
-bt = mixed(f"bt-{wkey}-{bp['share']}.txt", [(gen, 1 - bp["share"]), (clin, bp["share"])], 0)
+bt = mixed(f"bt-{wkey}-{bp['share']}-{gen.stem}.txt", [(gen, 1 - bp["share"]), (clin, bp["share"])], 0)
 bdata = {"path": str(bt)}
 if bp.get("formatted"):
     import random
@@ -94,7 +111,7 @@ if R.get("cont"):  # document-continuation SFT examples over general text (prefi
     sft_path = sj
 instruct = run("instruct", "sft", base, {"path": str(sft_path)}, ip, R.get("instruct_extra"))
 cp = {"steps": s.clinical_steps, "lr": s.clinical_lr, "replay": 0.5, **R.get("clinical", {})}
-ct = mixed(f"ct-{wkey}-{cp['replay']}.txt", [(clin, 1 - cp["replay"]), (gen, cp["replay"])], 1)
+ct = mixed(f"ct-{wkey}-{cp['replay']}-{gen.stem}.txt", [(clin, 1 - cp["replay"]), (gen, cp["replay"])], 1)
 clinical = run("clinical", "pt", base, {"path": str(ct)}, cp, R.get("clinical_extra"))
 models = {"base": str(base), "instruct": str(instruct), "clinical": str(clinical)}
 if R.get("ft", True):
