@@ -10,6 +10,7 @@ import os, sys
 from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import yaml
+from medmerge.evaluation.scores import relative_scores, summary_scores
 from medmerge.experiments.demo import SCORES, sweep_config
 from medmerge.experiments.sweep.run import run as run_sweep
 from medmerge.io.records import read_jsonl
@@ -23,29 +24,26 @@ out.mkdir(parents=True, exist_ok=True)
 (out / "halves.yml").write_text(yaml.safe_dump(cfg))
 run_sweep(out / "halves.yml", out / "sweep", progress=False)
 rows = read_jsonl(out / "sweep" / "sweep.jsonl")
-if_task, if_key = SCORES["if_metric"].split("/")
 
 
 def score(r, lo, hi):
-    """(IF, clinical composite) of a row on documents lo..hi-1, from its per-document values."""
-    def mean(task, key):
-        v = [x for i, x in zip(r["per_doc"][task]["doc_ids"], r["per_doc"][task][key]) if lo <= i < hi]
-        return sum(v) / len(v)
-    parts = []
-    for metric in SCORES["clinical_metrics"]:
-        task, key = metric.split("/")
-        parts.append(mean(task, key) * (100 if key == "acc" else 1))  # accuracies x 100, ROUGE already 0-100
-    return 100 * mean(if_task, if_key), sum(parts) / len(parts)
+    """{if_score, clinical_score} of a row on documents lo..hi-1: its per-document values averaged into a results
+    dict, scored by the sweep's own formulas (evaluation.scores)."""
+    tasks = {}
+    for task, values in r["per_doc"].items():
+        keep = [i for i, d in enumerate(values["doc_ids"]) if lo <= d < hi]
+        tasks[task] = {k: sum(v[i] for i in keep) / len(keep) for k, v in values.items() if k != "doc_ids"}
+    return summary_scores({"tasks": tasks}, SCORES["if_metric"], SCORES["clinical_metrics"])
 
 
 ref = {r["label"]: r for r in rows if r["kind"] == "reference"}
 for lo, hi in ((0, 100), (100, 200), (0, 200)):
-    i_if, i_c = score(ref["instruct"], lo, hi)
-    c_c = score(ref["clinical"], lo, hi)[1]
-    print(f"documents {lo}-{hi - 1}: instruct IF {i_if:.1f}, clinical composite {i_c:.1f}; clinical model {c_c:.1f}; "
-          f"gain {c_c - i_c:.1f}")
+    ins, clin = score(ref["instruct"], lo, hi), score(ref["clinical"], lo, hi)
+    print(f"documents {lo}-{hi - 1}: instruct IF {ins['if_score']:.1f}, clinical composite {ins['clinical_score']:.1f}; "
+          f"clinical model {clin['clinical_score']:.1f}; gain {clin['clinical_score'] - ins['clinical_score']:.1f}")
     for r in rows:
         if r["kind"] != "reference":
-            f, c = score(r, lo, hi)
-            print(f"  {r['label']:<52} IF {f:5.1f} ({100 * f / i_if:5.1f}%)  clinical {c:5.1f} "
-                  f"(gain kept {100 * (c - i_c) / (c_c - i_c):5.1f}%)")
+            s = score(r, lo, hi)
+            rel = relative_scores(s, ins, clin)
+            print(f"  {r['label']:<52} IF {s['if_score']:5.1f} ({rel['if_retention_pct']:5.1f}%)  clinical "
+                  f"{s['clinical_score']:5.1f} (gain kept {rel['clinical_gain_kept_pct']:5.1f}%)")

@@ -47,15 +47,18 @@ if not (init / "config.json").is_file():
     B._init_model(init, d / "tokenizer", s, 0)
 bp = {"steps": s.base_steps, "lr": s.base_lr, "share": s.base_clinical_share, **R.get("base", {})}
 gen, clin = d / "corpora" / "general.txt", d / "corpora" / "clinical.txt"
-if R.get("gen_requests"):  # general text that also holds request-and-reply documents on general topics (no clinical
-    # subject, no fact), newlines as spaces: the everyday words instructions use, for base and the clinical replay
+def instruction_builder(stream: str, clinical_fraction: float):
+    """The world's instruction-data builder on a stream of its own (for extra documents, not the SFT data)."""
     import random
     from medmerge.miniclinic import instructions, knowledge, lexicon, tokenizer as tokmod
+    kb = knowledge.build(spec.n_conditions, spec.seed, {w.lower() for w in lexicon.words()})
+    rng = random.Random(stream)
+    return instructions.Builder(kb, rng, tokmod.count_pieces, spec.max_response_tokens, clinical_fraction), rng
+if R.get("gen_requests"):  # general text that also holds request-and-reply documents on general topics (no clinical
+    # subject, no fact), newlines as spaces: the everyday words instructions use, for base and the clinical replay
     g2 = ROOT / f"gen-{wkey}-r{R['gen_requests']}.txt"
     if not g2.is_file():
-        kb = knowledge.build(spec.n_conditions, spec.seed, {w.lower() for w in lexicon.words()})
-        rng = random.Random("general-requests")
-        b = instructions.Builder(kb, rng, tokmod.count_pieces, spec.max_response_tokens, 0.0)
+        b, rng = instruction_builder("general-requests", 0.0)
         held_out = {json.loads(l)["prompt"] for l in open(d / "eval" / "if.jsonl") if l.strip()}
         docs = []
         while len(docs) < R["gen_requests"]:
@@ -70,13 +73,9 @@ def mixed(name, parts, seed):  # a cached mixed-text corpus (build._mixed_text)
 bt = mixed(f"bt-{wkey}-{bp['share']}-{gen.stem}.txt", [(gen, 1 - bp["share"]), (clin, bp["share"])], 0)
 bdata = {"path": str(bt)}
 if bp.get("formatted"):
-    import random
-    from medmerge.miniclinic import instructions, knowledge, lexicon, tokenizer as tokmod
     fj = ROOT / f"bt-{wkey}-{bp['share']}-f{bp['formatted']}.jsonl"
     if not fj.is_file():
-        kb = knowledge.build(spec.n_conditions, spec.seed, {w.lower() for w in lexicon.words()})
-        rng = random.Random("formatted")
-        b = instructions.Builder(kb, rng, tokmod.count_pieces, spec.max_response_tokens, bp.get("fclin", 0.0))
+        b, rng = instruction_builder("formatted", bp.get("fclin", 0.0))
         docs = [b.example(rng.choice((1, 1, 2))).response for _ in range(bp["formatted"])]
         lines = [l for l in bt.read_text().splitlines() if l.strip()] + docs
         rng.shuffle(lines)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..runtime import pyplot
 from ..training.trainer import read_log
-from .sweep.points import setting, t_value
+from .sweep.points import other_params, t_value
 
 
 def loss_curves(runs: dict[str, str | Path], path: str | Path, title: str = "training loss") -> Path:
@@ -118,8 +118,7 @@ def vs_t_series(rows: list[dict]) -> dict[tuple[str, str], list[tuple[float, flo
         t = t_value(r)
         if r["kind"] == "reference" or t is None or r.get("stopped_at_rung") is not None:
             continue
-        series.setdefault((r["method"], setting(r)[len(r["method"]):].strip()), []).append(
-            (t, r["if_score"], r["clinical_score"]))
+        series.setdefault((r["method"], other_params(r)), []).append((t, r["if_score"], r["clinical_score"]))
     return {key: sorted(pts, key=lambda p: p[0]) for key, pts in sorted(series.items())}
 
 

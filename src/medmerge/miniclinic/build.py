@@ -136,8 +136,9 @@ def _init_model(folder: Path, tokenizer_dir: Path, s: Schedule, seed: int) -> Pa
 
 def _train(name: str, stage: str, model: Path, data: dict, steps: int, lr: float, s: Schedule, out: Path,
            seed: int, progress: bool, freeze_unseen_tokens: bool = False) -> dict:
-    raw = {"freeze_unseen_tokens": freeze_unseen_tokens,
+    raw = {
         "stage": stage, "model": str(model), "data": data, "seed": seed, "max_seq_length": s.seq_len,
+        "freeze_unseen_tokens": freeze_unseen_tokens,
         "training": {"max_steps": steps, "batch_size": s.batch, "lr": lr, "scheduler": "cosine",
                      "warmup_ratio": 0.05, "logging_steps": max(1, steps // 20), "save_steps": 10 ** 9,
                      "threads": s.threads, "device": "cpu"},

@@ -234,11 +234,15 @@ def layer_gradient(values: Sequence[float]) -> list[float] | float:
     return vals[0] if len(vals) == 1 else vals
 
 
+def other_params(row: dict) -> str:
+    """A scored row's parameters but t, as labels show them ("density=0.9 lambda=1.8")."""
+    return " ".join(f"{k}={short(v)}" for k, v in sorted((row.get("params") or {}).items()) if k != "t")
+
+
 def setting(row: dict) -> str:
     """A scored row's method and every parameter but t ("task_arithmetic lambda=1.8"): the points of one curve
     against t."""
-    rest = " ".join(f"{k}={short(v)}" for k, v in sorted((row.get("params") or {}).items()) if k != "t")
-    return f"{row['method']} {rest}".strip()
+    return f"{row['method']} {other_params(row)}".strip()
 
 
 def t_value(row: dict):
