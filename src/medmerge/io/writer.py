@@ -309,6 +309,17 @@ def current_umask() -> int:
     return mask
 
 
+def usual_permissions(folder: Path) -> None:
+    """Give a finished temporary folder and everything in it the user's usual permissions (umask): the folder
+    was created owner-only, and transformers' save_pretrained writes its safetensors owner-only (0600) too."""
+    mask = current_umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_output_dir(out: Path, force: bool = False, inputs: Iterable[Optional[PathLike]] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; move it into place only on success.
@@ -338,7 +349,7 @@ def atomic_output_dir(out: Path, force: bool = False, inputs: Iterable[Optional[
                 signal.signal(signal.SIGTERM, on_term)
             try:
                 yield tmp
-                os.chmod(tmp, 0o777 & ~current_umask())
+                usual_permissions(tmp)
                 if out.exists():
                     if not existed and not force:
                         raise OutputExistsError(f"{out} appeared while this run was writing it; its output was "
