@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 import typer
 
-from ..experiments import medcare_vs_lora, two_stage_lora
+from ..experiments import medcare_vs_lora, real, two_stage_lora
 from ..experiments.demo import run_demo
 from ..experiments.fewshot import run as run_fewshot
 from ..experiments.report import write_report
@@ -19,11 +19,20 @@ from .common import command, console, stdout
 @command(app, "demo", interrupted="finished steps are kept in OUT; run again to continue")
 def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="the demo's run folder (world, sweep, fewshot, report)"),
-    preset: str = typer.Option("quick", "--preset", help="quick (<= 4 min on 2 cores) or full (<= 15 min)"),
+    preset: str = typer.Option("quick", "--preset", help="quick (<= 4 min on 2 cores), full (<= 15 min), or real: "
+                               "SmolLM2-135M-Instruct on real clinical data (about an hour; needs --data-dir)"),
     seed: int = typer.Option(0, "--seed", help="seed of the world, the merges and the fine-tuning"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="real preset: the data folder (IFEval, "
+                                            "PubMedQA, MedQA, MTS-Dialog, MeQSum, MedQuAD); default $MEDMERGE_DATA"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
-    """The whole experiment on the synthetic clinical world: forgetting, merge sweep, few-shot, report."""
+    """The whole experiment on the synthetic clinical world (or a real model): forgetting, sweep, few-shot, report."""
+    if preset == "real":
+        result = real.run_preset(out, data_dir=data_dir, seed=seed, progress=not quiet)
+        stdout.print(result.markdown)
+        console.print(f"results: {out / 'results.json'}; report {out / 'report.html'}; wall time "
+                      f"{result['wall_time_s']} s")
+        return
     run_demo(out, preset=preset, seed=seed, progress=not quiet)
 
 
@@ -104,6 +113,9 @@ def _pipeline_command(name: str, config_help: str, override: str, doc: str, reci
 _pipeline_command("two-stage-lora", "recipe YAML (see examples/two_stage_lora.yaml)", "merge.w_pt=[0,0.5]",
                   "PT LoRA, a fresh SFT LoRA, exact weighted merges of the two, evaluation of each, and a table.",
                   two_stage_lora.run)
+_pipeline_command("real", "recipe YAML (see examples/real_smollm2.yaml)", "eval.limit=100",
+                  "A real instruct model (GGUF import or folder): clinical and instruct_ft trained, both merge sweeps, "
+                  "few-shot, report.", real.run)
 _pipeline_command("medcare", "experiment YAML (see examples/medcare_miniclinic.yaml)", "stage2.alignment.lambda=1",
                   "MedCare (two stages, exported) vs plain LoRA vs full fine-tuning, plus the keep-noise ablation, "
                   "evaluated.", medcare_vs_lora.run)

@@ -36,6 +36,14 @@ SOURCES = {
         "mm_mts_dialog", ("mts_dialog/Main-Dataset/MTS-Dialog-TestSet-1-MEDIQA-Chat-2023.csv",),
         "https://github.com/abachaa/MTS-Dialog/tree/main/Main-Dataset",
     ),
+    "mts_dialog_train": Source(
+        "(training data)", ("mts_dialog/Main-Dataset/MTS-Dialog-TrainingSet.csv",),
+        "https://github.com/abachaa/MTS-Dialog/tree/main/Main-Dataset",
+    ),
+    "medquad": Source(
+        "(training data)", ("medquad/medquad_sample_500.jsonl", "medquad/medquad.jsonl"),
+        "https://github.com/abachaa/MedQuAD (question-answer pairs as JSONL with question, answer)",
+    ),
     "meqsum": Source(
         "mm_meqsum", ("meqsum/meqsum.jsonl",),
         "https://github.com/abachaa/MeQSum (MeQSum_ACL2019_BenAbacha_Demner-Fushman.xlsx, as JSONL with chq, summary)",

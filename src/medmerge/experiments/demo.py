@@ -93,7 +93,7 @@ def forgetting(summary: dict) -> dict:
     return {"before": "instruct", "after": "instruct_ft", "if_metric": summary["if_metric"],
             "clinical_metrics": summary["clinical_metrics"], "if_kept_pct": kept, "statement": statement,
             "models": [{"name": n, "if_score": refs[n]["if_score"], "clinical_score": refs[n]["clinical_score"]}
-                       for n in ("base", "instruct", "instruct_ft", "clinical")]}
+                       for n in ("base", "instruct", "instruct_ft", "clinical") if n in refs]}
 
 
 KEEP_IF, KEEP_GAIN = 90.0, 50.0  # "the cure": a merge keeping this much of IF and of the clinical gain
