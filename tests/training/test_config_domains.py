@@ -122,6 +122,36 @@ def test_sft_examples_with_no_trained_token_are_left_out_and_counted(world, caps
     assert "no_trained_token" not in normal  # records of ordinary data are unchanged
 
 
+def test_prompt_truncation_keeps_the_whole_answer(world):
+    """Regression (real clinical dialogues are longer than a CPU run's max_seq_length): with truncation: prompt a
+    long prompt loses tokens from its middle, and the answer with its end-of-turn token is trained whole."""
+    from transformers import AutoTokenizer
+
+    from medmerge.training.data import IGNORE, KEEP_HEAD, KEEP_TAIL
+
+    tok = AutoTokenizer.from_pretrained(str(world / "base"))
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>{% endif %}")
+    long = " ".join(["patient", "reports", "chest", "pain"] * 40)  # 160 words
+    rows = [{"prompt": long, "response": "fever cough denies history"}, {"prompt": "short", "response": "cough"}]
+    end_cfg = _config(world, "trunc_end", max_seq_length=100)
+    cut_cfg = _config(world, "trunc_prompt", max_seq_length=100, truncation="prompt")
+    (ex_end, end_stats), (ex_cut, stats) = (build_examples(tok, rows, c) for c in (end_cfg, cut_cfg))
+    long_cut = ex_cut[0]
+    answer = tok("fever cough denies history</s>", add_special_tokens=False)["input_ids"]
+    assert len(long_cut["input_ids"]) == 100 and stats["truncated"] == 1
+    trained = [t for t in long_cut["labels"] if t != IGNORE]
+    assert trained == answer  # the whole answer, end-of-turn token included
+    full = tok("<s>" + long + "</s><s>", add_special_tokens=False)["input_ids"]
+    context = long_cut["input_ids"][:len(long_cut["input_ids"]) - len(answer)]
+    assert context[:KEEP_HEAD] == full[:KEEP_HEAD] and context[-KEEP_TAIL:] == full[-KEEP_TAIL:]
+    # "end" (the default) cuts the same example's answer off entirely: it is left out
+    assert len(ex_end) == 1 and end_stats["no_trained_token"] == 1 and "no_trained_token" not in stats
+    assert ex_cut[1] == ex_end[0]  # short examples are the same either way
+    with pytest.raises(ConfigError, match="truncation"):
+        _config(world, "trunc_bad", truncation="middle")
+
+
 def test_diverged_weights_are_refused_and_nothing_is_written(tmp_path):
     model = torch.nn.Linear(2, 2)
     frozen = torch.nn.Linear(2, 2)

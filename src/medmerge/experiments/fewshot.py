@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import Field, model_validator
@@ -77,6 +77,7 @@ class FewshotConfig(Strict):
     lora: Optional[LoraSettings] = None
     chat_template: Optional[str] = None
     max_seq_length: int = Field(256, ge=8)
+    truncation: Literal["end", "prompt"] = "end"  # as `medmerge train`'s (prompt: keep whole answers)
     eval: EvalSettings
     scores: Scores
     claim: Optional[Claim] = Claim()
@@ -141,7 +142,8 @@ def resolve_start(name: str, start, out: Path, progress: bool) -> tuple[Path, di
 
 def _train(cfg: FewshotConfig, start: Path, k: int, target: Path, progress: bool) -> dict:
     tc = TrainConfig(stage="sft", model=start, data=cfg.data, seed=cfg.seed, k_shot=k, lora=cfg.lora,
-                     chat_template=cfg.chat_template, max_seq_length=cfg.max_seq_length, training=cfg.training)
+                     chat_template=cfg.chat_template, max_seq_length=cfg.max_seq_length, truncation=cfg.truncation,
+                     training=cfg.training)
     reuse(target, RECORD, lambda: train(tc, target, force=True, progress=progress))
     rec = json.loads((target / RECORD).read_text())
     return {"path": str(target), **rec.get("result", {}), "k_shot": rec.get("k_shot")}

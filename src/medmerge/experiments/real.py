@@ -225,26 +225,27 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
 
     console = Console(stderr=True)
     cfg, info = load(config, overrides)
-    out = open_run_dir(out, force, results=("results.json", "results.md"), stale=STALE, what="real-model run",
-                       inputs=experiment_inputs(config, overrides, "real-model recipe"))
-    configs, data = out / "configs", out / "data"
-    configs.mkdir(exist_ok=True)
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-    models = {"instruct": str(out / "models" / "instruct"), "clinical": str(out / "models" / "clinical"),
-              "instruct_ft": str(out / "models" / "instruct_ft")}
+    root = Path(out).absolute()
+    models = {name: str(root / "models" / name) for name in ("instruct", "clinical", "instruct_ft")}
     for stage in ("clinical", "instruct_ft"):
         if getattr(cfg, stage).model is not None:
             models[stage] = str(getattr(cfg, stage).model)
     if cfg.instruct.model is not None:
         models["instruct"] = str(cfg.instruct.model)
-
-    # the plan, written and validated first
-    train_cfgs = {}
-    for stage, file in (("clinical", data / "clinical_text.jsonl"), ("instruct_ft", data / "mts_dialog_train.jsonl")):
-        if getattr(cfg, stage).model is None:
-            train_cfgs[stage] = _train_config(cfg, stage, Path(models["instruct"]), file)
-            (configs / f"{stage}.yml").write_text(yaml.safe_dump(train_cfgs[stage], sort_keys=False))
+    data = root / "data"
+    # the plan, validated before the run folder is touched: a typo in a training section fails here
+    train_cfgs = {stage: _train_config(cfg, stage, Path(models["instruct"]), file)
+                  for stage, file in (("clinical", data / "clinical_text.jsonl"),
+                                      ("instruct_ft", data / "mts_dialog_train.jsonl"))
+                  if getattr(cfg, stage).model is None}
+    out = open_run_dir(out, force, results=("results.json", "results.md"), stale=STALE, what="real-model run",
+                       inputs=experiment_inputs(config, overrides, "real-model recipe"))
+    configs = out / "configs"
+    configs.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    for stage, raw in train_cfgs.items():
+        (configs / f"{stage}.yml").write_text(yaml.safe_dump(raw, sort_keys=False))
     sweeps = {"clinical": out / "sweep_clinical", "instruct_ft": out / "sweep_instruct_ft"}
     for domain in sweeps:
         (configs / f"sweep_{domain}.yml").write_text(yaml.safe_dump(sweep_config(cfg, models, domain),
@@ -252,7 +253,6 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
     if cfg.fewshot is not None:
         (configs / "fewshot.yml").write_text(yaml.safe_dump(
             fewshot_config(cfg, models, sweeps["clinical"], data / "mts_dialog_train.jsonl"), sort_keys=False))
-    # seconds on 2 CPU cores at the shipped recipe's sizes (docs/real_model.md); rescaled as steps finish
     plan = {"import": 30, "data": 5, "clinical": 500 * bool(train_cfgs.get("clinical")),
             "instruct_ft": 500 * bool(train_cfgs.get("instruct_ft")), "sweep clinical": 650,
             "sweep instruct_ft": 550, "fewshot": 1000 * (cfg.fewshot is not None), "report": 10}

@@ -81,6 +81,10 @@ class TrainConfig(Finite):
     merge_after_adapter: bool = False  # train the fresh adapter on base + after_adapter merged in
     chat_template: Optional[str] = None  # None: the tokenizer's own (plain text if it has none); or a NAMED_TEMPLATES key
     max_seq_length: int = Field(512, ge=8)
+    # sft examples longer than max_seq_length: "end" cuts them at the end (as TRL's keep_start: a long prompt loses
+    # the answer, or the whole example); "prompt" first removes tokens from the middle of the prompt, keeping its
+    # first and last 32 tokens and the whole answer with its end-of-turn token (long clinical dialogues)
+    truncation: Literal["end", "prompt"] = "end"
     packing: bool = True  # pt: concatenate documents (EOS between) into max_seq_length blocks
     # full fine-tuning: parameters whose names match one of these globs (fnmatch, e.g. "model.embed_tokens.*",
     # "*.layers.0.*") are not trained; every pattern must match a parameter (tied weights match under both names)

@@ -180,14 +180,36 @@ def render(tokenizer, template: str, messages: list[dict], add_generation_prompt
                                          add_generation_prompt=add_generation_prompt)
 
 
-def sft_example(tokenizer, template: str, messages: list[dict], block: int) -> dict:
+# truncation "prompt": of a context segment that is cut, its first and last tokens stay (the chat header and the
+# instruction's start; the end of the user's text and the assistant header that the answer follows)
+KEEP_HEAD, KEEP_TAIL = 32, 32
+
+
+def cut_prompts(segments: list[tuple[list[int], bool]], limit: int) -> list[tuple[list[int], bool]]:
+    """Remove tokens from the middle of the context segments (longest first) until the example fits `limit`;
+    answers (trained segments) are never cut here, so a long dialogue keeps its whole note and end-of-turn token."""
+    excess = sum(len(ids) for ids, _ in segments) - limit
+    out = list(segments)
+    for i in sorted((i for i, (_, trained) in enumerate(out) if not trained), key=lambda i: -len(out[i][0])):
+        if excess <= 0:
+            break
+        ids = out[i][0]
+        cut = min(excess, max(0, len(ids) - KEEP_HEAD - KEEP_TAIL))
+        if cut:
+            out[i] = (ids[:KEEP_HEAD] + ids[KEEP_HEAD + cut:], False)
+            excess -= cut
+    return out
+
+
+def sft_example(tokenizer, template: str, messages: list[dict], block: int, truncation: str = "end") -> dict:
     """Token ids with labels only on assistant turns: each turn is the difference of two renderings.
 
     Special tokens come only from the template (tokenised with add_special_tokens=False),
-    so a template that starts with {{ bos_token }} gets exactly one BOS.
+    so a template that starts with {{ bos_token }} gets exactly one BOS. Longer than `block`:
+    cut at the end ("end"), or first in the middle of the prompts ("prompt", see `cut_prompts`)
+    and then at the end if the answers alone are too long.
     """
-    ids: list[int] = []
-    labels: list[int] = []
+    segments: list[tuple[list[int], bool]] = []
     done_text = ""
     for j, msg in enumerate(messages):
         if msg["role"] != "assistant":
@@ -197,12 +219,15 @@ def sft_example(tokenizer, template: str, messages: list[dict], block: int) -> d
         if not before.startswith(done_text) or not after.startswith(before):
             raise DataError("the chat template does not render conversations as growing prefixes; "
                             "choose another chat_template (chatml, llama3, plain)")
-        context = tokenizer(before[len(done_text):], add_special_tokens=False)["input_ids"]
-        answer = tokenizer(after[len(before):], add_special_tokens=False)["input_ids"]
-        ids += context + answer
-        labels += [IGNORE] * len(context) + answer
+        segments.append((tokenizer(before[len(done_text):], add_special_tokens=False)["input_ids"], False))
+        segments.append((tokenizer(after[len(before):], add_special_tokens=False)["input_ids"], True))
         done_text = after
-    return {"input_ids": ids[:block], "labels": labels[:block]}
+    cut = truncation == "prompt" and sum(len(ids) for ids, _ in segments) > block - 1
+    if cut:
+        segments = cut_prompts(segments, block - 1)  # block - 1: the caller's max_seq_length (it passes one more)
+    ids = [t for seg, _ in segments for t in seg]
+    labels = [t if trained else IGNORE for seg, trained in segments for t in seg]
+    return {"input_ids": ids[:block], "labels": labels[:block], "prompt_cut": cut}
 
 
 def build_examples(tokenizer, rows: list[dict], cfg: TrainConfig) -> tuple[list[dict], dict]:
@@ -216,8 +241,9 @@ def build_examples(tokenizer, rows: list[dict], cfg: TrainConfig) -> tuple[list[
         template = template_for(tokenizer, cfg)
         examples, truncated, untrained = [], 0, []
         for i, msgs in enumerate(conversations(rows, cfg)):
-            ex = sft_example(tokenizer, template, msgs, block + 1)
-            if len(ex["input_ids"]) > block:
+            ex = sft_example(tokenizer, template, msgs, block + 1, cfg.truncation)
+            prompt_cut = ex.pop("prompt_cut")
+            if prompt_cut or len(ex["input_ids"]) > block:
                 truncated += 1
                 ex = {"input_ids": ex["input_ids"][:block], "labels": ex["labels"][:block]}
             if all(t == IGNORE for t in ex["labels"]):
