@@ -35,15 +35,14 @@ from ..errors import ConfigError, InputError
 from ..evaluation.data import locate
 from ..io.gguf import find_packaged_gguf, import_gguf
 from ..io.records import read_jsonl, read_json, read_table
-from ..runtime import note
 from ..settings import Strict, apply_overrides, read_yaml, validation_message
 from ..training.config import Seed, load_config as load_train_config
 from ..training.trainer import train
 from .config import expand, experiment_inputs, relative_to
-from .demo import IF_RETENTION_MIN, finding, forgetting
+from .demo import finding, forgetting
 from .fewshot import run as run_fewshot
 from .report import write_report
-from .rundir import Result, open_run_dir, reuse
+from .rundir import Result, open_run_dir
 from .sweep.run import run as run_sweep
 
 SCHEMA = "medmerge.real/1"
@@ -298,7 +297,8 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
 
     few = None
     if cfg.fewshot is not None:
-        step("fewshot", out / "fewshot" / "fewshot.json", lambda: run_fewshot(configs / "fewshot.yml", out / "fewshot", progress=progress))
+        step("fewshot", out / "fewshot" / "fewshot.json",
+             lambda: run_fewshot(configs / "fewshot.yml", out / "fewshot", progress=progress))
         few = json.loads((out / "fewshot" / "fewshot.json").read_text())
 
     # the demo record (forgetting, findings, headline) that `medmerge report` renders
@@ -306,14 +306,10 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
     forget = forgetting({**summaries["instruct_ft"], "references": merged_refs})
     found = {d: finding(s, read_jsonl(sweeps[d] / "sweep.jsonl")) for d, s in summaries.items()}
     best = {d: s.get("best") for d, s in summaries.items()}
-    min_if = cfg.select.get("if_retention_min", IF_RETENTION_MIN)
-    headline = [forget["statement"]]
+    judged = verdict(sweeps, summaries, cfg.seed)
+    headline = [judged["statement"]]
     for d, label in (("clinical", "clinical x instruct"), ("instruct_ft", "instruct_ft x instruct")):
         headline.append(f"{label}: {found[d]['statement']}")
-        b = best[d]
-        headline.append(f"{label}: best merge keeping at least {min_if:g}% of instruct's IF: {b['label']} (IF "
-                        f"{b['if_score']:.1f}, clinical {b['clinical_score']:.1f})." if b else
-                        f"{label}: no merge keeps {min_if:g}% of instruct's IF.")
     if few and few.get("claim"):
         headline.append(few["claim"]["measured"])
     timings["total"] = round(time.perf_counter() - started, 1)
@@ -326,7 +322,7 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
                                               force=True))
     table = results_table(sweeps, summaries)
     result = {"schema": SCHEMA, "config_file": info["config_file"], "models": models, "data_dir": str(cfg.data_dir),
-              "forgetting": forget, "findings": found, "best": best, "table": table,
+              "forgetting": forget, "verdict": judged, "findings": found, "best": best, "table": table,
               "fewshot_claim": demo["fewshot_claim"], "headline": headline,
               "timings_s": {**timings, "total": round(time.perf_counter() - started, 1)},
               "wall_time_s": round(time.perf_counter() - started, 1)}
@@ -334,6 +330,66 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
     md = render_markdown(result)
     (out / "results.md").write_text(md)
     return Result(result, md)
+
+
+def _diff(rows: dict[str, dict], a: str, b: str, key: str, summary: dict, seed: int) -> tuple[float, Optional[list]]:
+    """score(a) - score(b) with its 95% paired bootstrap interval over the evaluation documents."""
+    from ..evaluation.bootstrap import Bootstrap, difference_interval, tasks_of
+
+    if_metric, parts = summary["if_metric"], summary["clinical_metrics"]
+    boot = Bootstrap({a: rows[a].get("per_doc") or {}, b: rows[b].get("per_doc") or {}},
+                     tasks_of([if_metric, *parts]), seed=seed)
+    iv = difference_interval(boot, a, b, key, if_metric, parts)
+    value = rows[a][key] - rows[b][key]
+    return value, ([iv.low, iv.high] if iv is not None and iv.low is not None else None)
+
+
+def _pm(value: float, iv: Optional[list]) -> str:
+    return f"{value:+.1f}" + (f" [{iv[0]:+.1f}, {iv[1]:+.1f}]" if iv else "")
+
+
+def _shows(iv: Optional[list], sign: int) -> str:
+    if not iv:
+        return "no interval"
+    return "clear" if (iv[1] < 0 if sign < 0 else iv[0] > 0) else "within noise"
+
+
+def verdict(sweeps: dict[str, Path], summaries: dict, seed: int) -> dict:
+    """Does forgetting show on this model, does merging cure it, by how much: numbers with paired intervals."""
+    rows = {}
+    for folder in sweeps.values():
+        for r in read_jsonl(folder / "sweep.jsonl"):
+            rows.setdefault(r["label"] if r["kind"] == "reference" else f"{folder.name}:{r['label']}", r)
+    s = summaries["instruct_ft"]
+    if_d = _diff(rows, "instruct_ft", "instruct", "if_score", s, seed)
+    c_d = _diff(rows, "instruct_ft", "instruct", "clinical_score", s, seed)
+    g_d = _diff(rows, "clinical", "instruct", "clinical_score", summaries["clinical"], seed)
+    gi_d = _diff(rows, "clinical", "instruct", "if_score", summaries["clinical"], seed)
+    ins, ft, cl = rows["instruct"], rows["instruct_ft"], rows["clinical"]
+    text = [f"Forgetting: fine-tuning instruct on MTS-Dialog moved instruction following from {ins['if_score']:.1f} "
+            f"to {ft['if_score']:.1f} ({_pm(*if_d)} points, {_shows(if_d[1], -1)}) and the clinical score from "
+            f"{ins['clinical_score']:.1f} to {ft['clinical_score']:.1f} ({_pm(*c_d)}, {_shows(c_d[1], 1)}).",
+            f"Continued pre-training on clinical text moved the clinical score to {cl['clinical_score']:.1f} "
+            f"({_pm(*g_d)}, {_shows(g_d[1], 1)}) and instruction following to {cl['if_score']:.1f} ({_pm(*gi_d)})."]
+    cures = {}
+    for domain, what in (("instruct_ft", "instruct_ft x instruct"), ("clinical", "clinical x instruct")):
+        b = summaries[domain].get("best")
+        cures[domain] = b and {k: b.get(k) for k in ("label", "if_score", "clinical_score", "if_retention_pct",
+                                                     "if_retention_ci", "clinical_gain_kept_pct",
+                                                     "clinical_gain_kept_ci")}
+        if not b:
+            text.append(f"{what}: no merge keeps {summaries[domain]['select']['if_retention_min']:g}% of instruct's IF.")
+            continue
+        ci = lambda k: (f" [{b[k + '_ci'][0]:.0f}, {b[k + '_ci'][1]:.0f}]" if b.get(k + "_ci") else "")  # noqa: E731
+        gain = (f", and {b['clinical_gain_kept_pct']:.0f}%{ci('clinical_gain_kept')} of the {domain} model's "
+                f"clinical gain" if b.get("clinical_gain_kept_pct") is not None else "")
+        text.append(f"{what}: the best merge keeping at least {summaries[domain]['select']['if_retention_min']:g}% "
+                    f"of instruct's IF, {b['label']}, keeps {b['if_retention_pct']:.0f}%{ci('if_retention')} of it"
+                    f"{gain} (IF {b['if_score']:.1f}, clinical {b['clinical_score']:.1f}).")
+    return {"forgetting_if": {"difference": if_d[0], "interval": if_d[1]},
+            "forgetting_clinical": {"difference": c_d[0], "interval": c_d[1]},
+            "clinical_gain": {"difference": g_d[0], "interval": g_d[1]}, "cures": cures,
+            "statement": " ".join(text) + " Intervals: 95% paired bootstrap over the evaluation documents."}
 
 
 KEY_METRICS = {"mm_ifeval": "prompt_level_strict_acc", "mm_mts_dialog": "composite", "mm_meqsum": "composite",
