@@ -60,10 +60,10 @@ def tiny_recipe(tmp_path: Path) -> Path:
                clinical_corpus={"sources": ["pubmedqa", "mts_dialog"], "max_documents": 12},
                grid=[{"method": "linear", "t": [0.5]}, {"method": "ties", "t": [0.5], "density": [0.5]}])
     for stage in ("clinical", "instruct_ft"):
-        raw[stage]["train"]["max_seq_length"] = 64
+        raw[stage]["train"]["max_seq_length"] = 192  # the tiny byte-level BPE spends about a token per character
         raw[stage]["train"]["training"].update(max_steps=2, batch_size=2, logging_steps=1)
     raw["eval"].update(data_dir=str(DATA), limit=2, max_new_tokens=4)
-    raw["fewshot"].update(k=[2, 4], max_seq_length=64, claim={"model": "merged", "k": 2, "versus": "instruct",
+    raw["fewshot"].update(k=[2, 4], max_seq_length=192, claim={"model": "merged", "k": 2, "versus": "instruct",
                                                                "versus_k": 4})
     path = tmp_path / "recipe.yml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -132,14 +132,14 @@ def test_prompt_truncation_keeps_the_whole_answer(world):
     tok = AutoTokenizer.from_pretrained(str(world / "base"))
     tok.chat_template = ("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
                          "{% if add_generation_prompt %}<s>{% endif %}")
-    long = " ".join(["patient", "reports", "chest", "pain"] * 40)  # 160 words
+    long = " ".join(["patient", "reports", "chest", "pain"] * 100)  # 400 words
     rows = [{"prompt": long, "response": "fever cough denies history"}, {"prompt": "short", "response": "cough"}]
-    end_cfg = _config(world, "trunc_end", max_seq_length=100)
-    cut_cfg = _config(world, "trunc_prompt", max_seq_length=100, truncation="prompt")
+    end_cfg = _config(world, "trunc_end", max_seq_length=300)
+    cut_cfg = _config(world, "trunc_prompt", max_seq_length=300, truncation="prompt")
     (ex_end, end_stats), (ex_cut, stats) = (build_examples(tok, rows, c) for c in (end_cfg, cut_cfg))
     long_cut = ex_cut[0]
     answer = tok("fever cough denies history</s>", add_special_tokens=False)["input_ids"]
-    assert len(long_cut["input_ids"]) == 100 and stats["truncated"] == 1
+    assert len(long_cut["input_ids"]) == 300 and stats["truncated"] == 1
     trained = [t for t in long_cut["labels"] if t != IGNORE]
     assert trained == answer  # the whole answer, end-of-turn token included
     full = tok("<s>" + long + "</s><s>", add_special_tokens=False)["input_ids"]

@@ -181,7 +181,8 @@ def render(tokenizer, template: str, messages: list[dict], add_generation_prompt
 
 
 # truncation "prompt": of a context segment that is cut, its first and last tokens stay (the chat header and the
-# instruction's start; the end of the user's text and the assistant header that the answer follows)
+# instruction's start; the end of the user's text and the assistant header that the answer follows); blocks under
+# 256 tokens keep an eighth of the block at each end
 KEEP_HEAD, KEEP_TAIL = 32, 32
 
 
@@ -189,14 +190,15 @@ def cut_prompts(segments: list[tuple[list[int], bool]], limit: int) -> list[tupl
     """Remove tokens from the middle of the context segments (longest first) until the example fits `limit`;
     answers (trained segments) are never cut here, so a long dialogue keeps its whole note and end-of-turn token."""
     excess = sum(len(ids) for ids, _ in segments) - limit
+    head, tail = min(KEEP_HEAD, limit // 8), min(KEEP_TAIL, limit // 8)  # short blocks keep less of each end
     out = list(segments)
     for i in sorted((i for i, (_, trained) in enumerate(out) if not trained), key=lambda i: -len(out[i][0])):
         if excess <= 0:
             break
         ids = out[i][0]
-        cut = min(excess, max(0, len(ids) - KEEP_HEAD - KEEP_TAIL))
+        cut = min(excess, max(0, len(ids) - head - tail))
         if cut:
-            out[i] = (ids[:KEEP_HEAD] + ids[KEEP_HEAD + cut:], False)
+            out[i] = (ids[:head] + ids[head + cut:], False)
             excess -= cut
     return out
 
