@@ -23,6 +23,10 @@ needs_data = pytest.mark.skipif(not (DATA / "mts_dialog").is_dir(),
 runner = CliRunner()
 
 
+def flat(result) -> str:
+    return " ".join(result.output.split())  # rich wraps long messages
+
+
 @needs_data
 def test_training_text_holds_no_evaluation_item():
     docs = real.clinical_documents(DATA, list(real.SOURCES))
@@ -37,6 +41,27 @@ def test_training_text_holds_no_evaluation_item():
     assert len(pairs) == 1201 and pairs[0]["prompt"].startswith("Summarize the following doctor-patient conversation")
 
 
+@needs_data
+def test_shipped_recipe_is_valid_and_sized(tmp_path):
+    """examples/real_smollm2.yaml (the packaged recipe): parses, and every config it writes validates."""
+    from medmerge.experiments.fewshot import FewshotConfig
+    from medmerge.experiments.sweep.config import SweepConfig
+
+    assert (Path(__file__).resolve().parents[2] / "examples" / "real_smollm2.yaml").resolve() == real.RECIPE.resolve()
+    cfg, _ = real.load(real.RECIPE, [f"data_dir={DATA}"])
+    models = {n: str(tmp_path / n) for n in ("instruct", "clinical", "instruct_ft")}
+    for stage in ("clinical", "instruct_ft"):
+        raw = real._train_config(cfg, stage, tmp_path / "instruct", tmp_path / "data.jsonl")
+        assert raw["training"]["threads"] == 2 and raw["training"]["device"] == "cpu"
+    for domain in ("clinical", "instruct_ft"):
+        sweep = SweepConfig.model_validate(real.sweep_config(cfg, models, domain))
+        assert sweep.roles.base == "instruct" and {p["method"] for p in sweep.grid} == {
+            "linear", "slerp", "task_arithmetic", "ties", "dare_ties"}
+        assert sweep.eval.tasks == ["mm_ifeval", "mm_mts_dialog", "mm_meqsum", "mm_pubmedqa", "mm_medqa"]
+    few = FewshotConfig.model_validate(real.fewshot_config(cfg, models, tmp_path / "sweep", tmp_path / "d.jsonl"))
+    assert few.k == [16, 64, 256] and few.truncation == "prompt" and few.claim.k == 64
+
+
 def test_forgetting_without_a_base_model():
     """Regression: the forgetting table assumed a `base` reference, which a real instruct model does not have."""
     refs = {n: {"if_score": s, "clinical_score": c} for n, s, c in
@@ -49,7 +74,7 @@ def test_forgetting_without_a_base_model():
 def test_preset_real_needs_the_data_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("MEDMERGE_DATA", raising=False)
     r = runner.invoke(app, ["demo", "--preset", "real", "--out", str(tmp_path / "run")])
-    assert r.exit_code == 2 and "--data-dir" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "--data-dir" in flat(r) and "Traceback" not in r.output
     assert not (tmp_path / "run").exists()
 
 
@@ -62,7 +87,7 @@ def tiny_recipe(tmp_path: Path) -> Path:
     for stage in ("clinical", "instruct_ft"):
         raw[stage]["train"]["max_seq_length"] = 192  # the tiny byte-level BPE spends about a token per character
         raw[stage]["train"]["training"].update(max_steps=2, batch_size=2, logging_steps=1)
-    raw["eval"].update(data_dir=str(DATA), limit=2, max_new_tokens=4)
+    raw["eval"].update(limit=2, max_new_tokens=4)
     raw["fewshot"].update(k=[2, 4], max_seq_length=192, claim={"model": "merged", "k": 2, "versus": "instruct",
                                                                "versus_k": 4})
     path = tmp_path / "recipe.yml"
@@ -98,11 +123,14 @@ def test_pipeline_real_end_to_end_on_a_tiny_gguf(tmp_path):
     assert r.exit_code == 2 and "--force" in r.output
 
 
-def test_recipe_errors_before_any_work(tmp_path):
+def test_recipe_errors_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("MEDMERGE_DATA", raising=False)
+    r = runner.invoke(app, ["pipeline", "real", str(real.RECIPE), "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2 and "${MEDMERGE_DATA} is not set" in flat(r) and "KEY=VALUE" in flat(r)
     r = runner.invoke(app, ["pipeline", "real", str(real.RECIPE), "--out", str(tmp_path / "run"),
                             f"data_dir={tmp_path / 'nowhere'}"])
-    assert r.exit_code == 2 and "data_dir" in r.output and "is not a folder" in r.output
+    assert r.exit_code == 2 and "data_dir" in flat(r) and "is not a folder" in flat(r)
     r = runner.invoke(app, ["pipeline", "real", str(real.RECIPE), "--out", str(tmp_path / "run"),
                             f"data_dir={tmp_path}", "clinical.train.training.lr=-1"])
-    assert r.exit_code == 2 and "lr" in r.output, r.output
+    assert r.exit_code == 2 and "lr" in flat(r), r.output
     assert not (tmp_path / "run").exists()

@@ -72,7 +72,8 @@ def expand(value, variables: dict[str, str]):
                 return variables[key]
             if key in os.environ:
                 return os.environ[key]
-            raise ConfigError(f"${{{key}}} is not set: export it, or use ${{world}} with a world: section")
+            hint = "add a world: section" if key in ("world", "world_tasks") else "or override the key that uses it (KEY=VALUE)"
+            raise ConfigError(f"${{{key}}} is not set: export {key}=..., {hint}")
         return _VAR.sub(sub, value)
     if isinstance(value, list):
         return [expand(v, variables) for v in value]

@@ -184,7 +184,8 @@ def sweep_config(cfg: RealConfig, models: dict[str, str], domain: str) -> dict:
     return {"models": {"instruct": models["instruct"], domain: models[domain]},
             "roles": {"domain": domain, "general": "instruct", "base": "instruct"},
             "references": ["instruct", domain], "load": "instruct", "grid": cfg.grid,
-            "eval": {**cfg.eval, "device": cfg.device}, "scores": cfg.scores, "select": cfg.select,
+            "eval": {"data_dir": str(cfg.data_dir), **cfg.eval, "device": cfg.device}, "scores": cfg.scores,
+            "select": cfg.select,
             "seed": cfg.seed, "device": cfg.device}
 
 
@@ -197,7 +198,8 @@ def fewshot_config(cfg: RealConfig, models: dict[str, str], sweep_dir: Path, dat
     return {"starts": {"instruct": models["instruct"], "merged": {"sweep": str(sweep_dir)}},
             "data": {"path": str(data), "prompt": "prompt", "response": "response", **(few.get("data") or {})},
             "seed": cfg.seed, **{k: v for k, v in few.items() if k not in ("data", "training", "eval")},
-            "training": training, "eval": {**cfg.eval, **(few.get("eval") or {}), "device": cfg.device},
+            "training": training,
+            "eval": {"data_dir": str(cfg.data_dir), **cfg.eval, **(few.get("eval") or {}), "device": cfg.device},
             "scores": {**cfg.scores, **(few.get("scores") or {})}}
 
 
@@ -446,5 +448,5 @@ def run_preset(out: str | Path, *, data_dir: Optional[Path] = None, seed: int = 
         raise ConfigError("--preset real needs the data folder: pass --data-dir DIR or set MEDMERGE_DATA=DIR (the "
                           "layout of ../shared/data: ifeval/, pubmedqa/, medqa/, mts_dialog/, meqsum/, medquad/)")
     data = str(Path(data).expanduser().resolve())
-    return run(RECIPE, out, overrides=[f"data_dir={data}", f"eval.data_dir={data}", f"seed={seed}"],
+    return run(RECIPE, out, overrides=[f"data_dir={data}", f"seed={seed}"],
                progress=progress)
