@@ -341,12 +341,16 @@ def _diff(rows: dict[str, dict], a: str, b: str, key: str, summary: dict, seed: 
     if_metric, parts = summary["if_metric"], summary["clinical_metrics"]
     boot = Bootstrap({a: rows[a].get("per_doc") or {}, b: rows[b].get("per_doc") or {}},
                      tasks_of([if_metric, *parts]), seed=seed)
+    if rows[a].get(key) is None or rows[b].get(key) is None:
+        return None, None
     iv = difference_interval(boot, a, b, key, if_metric, parts)
     value = rows[a][key] - rows[b][key]
     return value, ([iv.low, iv.high] if iv is not None and iv.low is not None else None)
 
 
-def _pm(value: float, iv: Optional[list]) -> str:
+def _pm(value: Optional[float], iv: Optional[list]) -> str:
+    if value is None:
+        return "undefined"
     return f"{value:+.1f}" + (f" [{iv[0]:+.1f}, {iv[1]:+.1f}]" if iv else "")
 
 
@@ -382,12 +386,16 @@ def verdict(sweeps: dict[str, Path], summaries: dict, seed: int) -> dict:
         if not b:
             text.append(f"{what}: no merge keeps {summaries[domain]['select']['if_retention_min']:g}% of instruct's IF.")
             continue
-        ci = lambda k: (f" [{b[k + '_ci'][0]:.0f}, {b[k + '_ci'][1]:.0f}]" if b.get(k + "_ci") else "")  # noqa: E731
-        gain = (f", and {b['clinical_gain_kept_pct']:.0f}%{ci('clinical_gain_kept')} of the {domain} model's "
-                f"clinical gain" if b.get("clinical_gain_kept_pct") is not None else "")
+        def share(k):
+            if b.get(k + "_pct") is None:
+                return "an undefined share"
+            iv = b.get(k + "_ci")
+            return f"{b[k + '_pct']:.0f}%" + (f" [{iv[0]:.0f}, {iv[1]:.0f}]" if iv and None not in iv else "")
+
         text.append(f"{what}: the best merge keeping at least {summaries[domain]['select']['if_retention_min']:g}% "
-                    f"of instruct's IF, {b['label']}, keeps {b['if_retention_pct']:.0f}%{ci('if_retention')} of it"
-                    f"{gain} (IF {b['if_score']:.1f}, clinical {b['clinical_score']:.1f}).")
+                    f"of instruct's IF, {b['label']}, keeps {share('if_retention')} of it and "
+                    f"{share('clinical_gain_kept')} of the {domain} model's clinical gain (IF {b['if_score']:.1f}, "
+                    f"clinical {b['clinical_score']:.1f}).")
     return {"forgetting_if": {"difference": if_d[0], "interval": if_d[1]},
             "forgetting_clinical": {"difference": c_d[0], "interval": c_d[1]},
             "clinical_gain": {"difference": g_d[0], "interval": g_d[1]}, "cures": cures,
