@@ -43,6 +43,7 @@ from .demo import finding, forgetting
 from .fewshot import run as run_fewshot
 from .report import write_report
 from .rundir import Result, open_run_dir
+from .sweep.points import expand_grid
 from .sweep.run import run as run_sweep
 
 SCHEMA = "medmerge.real/1"
@@ -254,9 +255,11 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
     if cfg.fewshot is not None:
         (configs / "fewshot.yml").write_text(yaml.safe_dump(
             fewshot_config(cfg, models, sweeps["clinical"], data / "mts_dialog_train.jsonl"), sort_keys=False))
-    plan = {"import": 30, "data": 5, "clinical": 500 * bool(train_cfgs.get("clinical")),
-            "instruct_ft": 500 * bool(train_cfgs.get("instruct_ft")), "sweep clinical": 650,
-            "sweep instruct_ft": 550, "fewshot": 1000 * (cfg.fewshot is not None), "report": 10}
+    n_grid = len(expand_grid(cfg.grid))
+    per_eval = 150  # seconds per model: five tasks x 48 documents, 128 new tokens at most
+    plan = {"import": 20, "data": 5, "clinical": 360 * bool(train_cfgs.get("clinical")),
+            "instruct_ft": 420 * bool(train_cfgs.get("instruct_ft")), "sweep clinical": per_eval * (2 + n_grid),
+            "sweep instruct_ft": per_eval * (1 + n_grid), "fewshot": 1300 * (cfg.fewshot is not None), "report": 10}
     eta = Eta({k: v for k, v in plan.items() if v})
 
     def step(name: str, marker: Optional[Path], make) -> Any:
