@@ -23,6 +23,7 @@ elapsed time and an estimate of the time left (planned costs, rescaled by how fa
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -30,9 +31,12 @@ from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import Field, ValidationError
+from rich.console import Console
 
 from ..errors import ConfigError, InputError
-from ..evaluation.data import locate
+from ..evaluation.bootstrap import Bootstrap, difference_interval, tasks_of
+from ..evaluation.data import MTS_SECTIONS, locate
+from ..evaluation.hooks import mts_dialog_prompt
 from ..io.gguf import find_packaged_gguf, import_gguf
 from ..io.records import read_jsonl, read_json, read_table
 from ..settings import Strict, apply_overrides, read_yaml, validation_message
@@ -115,9 +119,6 @@ def clinical_documents(data_dir: Path, sources: list[str]) -> list[dict]:
 def mts_pairs(data_dir: Path) -> list[dict]:
     """MTS-Dialog's training pairs with the evaluation task's own prompt (mm_mts_dialog), so a fine-tune learns
     exactly the format it is scored on."""
-    from ..evaluation.data import MTS_SECTIONS
-    from ..evaluation.hooks import mts_dialog_prompt
-
     rows = read_table(locate("mts_dialog_train", data_dir))
     out = []
     for row in rows:
@@ -223,8 +224,6 @@ class Eta:
 
 def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force: bool = False,
         progress: bool = True) -> Result:
-    from rich.console import Console
-
     console = Console(stderr=True)
     cfg, info = load(config, overrides)
     root = Path(out).absolute()
@@ -339,8 +338,6 @@ def run(config: str | Path, out: str | Path, *, overrides: list[str] = (), force
 
 def _diff(rows: dict[str, dict], a: str, b: str, key: str, summary: dict, seed: int) -> tuple[float, Optional[list]]:
     """score(a) - score(b) with its 95% paired bootstrap interval over the evaluation documents."""
-    from ..evaluation.bootstrap import Bootstrap, difference_interval, tasks_of
-
     if_metric, parts = summary["if_metric"], summary["clinical_metrics"]
     boot = Bootstrap({a: rows[a].get("per_doc") or {}, b: rows[b].get("per_doc") or {}},
                      tasks_of([if_metric, *parts]), seed=seed)
@@ -452,8 +449,6 @@ def render_markdown(result: dict) -> str:
 
 def run_preset(out: str | Path, *, data_dir: Optional[Path] = None, seed: int = 0, progress: bool = True) -> Result:
     """`medmerge demo --preset real`: the shipped recipe, with the data folder from --data-dir or MEDMERGE_DATA."""
-    import os
-
     data = data_dir or (Path(os.environ["MEDMERGE_DATA"]) if os.environ.get("MEDMERGE_DATA") else None)
     if data is None:
         raise ConfigError("--preset real needs the data folder: pass --data-dir DIR or set MEDMERGE_DATA=DIR (the "

