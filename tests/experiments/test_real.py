@@ -134,3 +134,21 @@ def test_recipe_errors_before_any_work(tmp_path, monkeypatch):
                             f"data_dir={tmp_path}", "clinical.train.training.lr=-1"])
     assert r.exit_code == 2 and "lr" in flat(r), r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_point_key_holds_only_the_models_a_point_reads():
+    """Regression: the instruct reference was scored again by the second sweep of the real recipe (sharing one
+    cache), because every point's key held the fingerprints of all the sweep's models."""
+    from medmerge.experiments.sweep.points import point_key
+
+    ref = {"merge_method": "linear", "models": [{"model": "instruct", "parameters": {"weight": 1.0}}]}
+    merge = {"merge_method": "ties", "base_model": "instruct",
+             "models": [{"model": "clinical", "parameters": {"weight": 0.5}}]}
+    a = {"instruct": "i", "clinical": "c"}
+    b = {"instruct": "i", "instruct_ft": "f"}
+    assert point_key(ref, a, always=("instruct",)) == point_key(ref, b, always=("instruct",))
+    assert point_key(ref, a) != point_key(ref, {**a, "instruct": "i2"})  # the model it reads changed
+    assert point_key(merge, a) != point_key(merge, {**a, "clinical": "c2"})
+    assert point_key(merge, a) == point_key(merge, {**a, "other": "x"})
+    # the loaded model (config and tokenizer of every evaluation) is always in the key
+    assert point_key(ref, {**a, "load": "l"}, always=("load",)) != point_key(ref, {**a, "load": "l2"}, always=("load",))

@@ -389,8 +389,9 @@ def verdict(sweeps: dict[str, Path], summaries: dict, seed: int) -> dict:
         def share(k):
             if b.get(k + "_pct") is None:
                 return "an undefined share"
-            iv = b.get(k + "_ci")
-            return f"{b[k + '_pct']:.0f}%" + (f" [{iv[0]:.0f}, {iv[1]:.0f}]" if iv and None not in iv else "")
+            iv = b.get(k + "_ci") or {}  # {value, low, high, confidence, replicates}
+            low, high = iv.get("low"), iv.get("high")
+            return f"{b[k + '_pct']:.0f}%" + (f" [{low:.0f}, {high:.0f}]" if None not in (low, high) else "")
 
         text.append(f"{what}: the best merge keeping at least {summaries[domain]['select']['if_retention_min']:g}% "
                     f"of instruct's IF, {b['label']}, keeps {share('if_retention')} of it and "

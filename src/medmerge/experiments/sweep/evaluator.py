@@ -227,7 +227,7 @@ class SweepEvaluator:
         """Scores of `point` on every task under `sel`, from the cache where present."""
         sel = sel or Selection()
         config = self.config_of(point)
-        key = point_key(config, self.fingerprints)
+        key = point_key(config, self.fingerprints, always=(self.load,))
         out = Scored(point=point, config=config, key=key, selection=sel.label)
         missing = []
         for task in self.tasks:

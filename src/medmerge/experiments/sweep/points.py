@@ -221,9 +221,20 @@ def check_point(point: Point, roles: Roles, models: Sequence[str], seed: int = 0
     return config
 
 
-def point_key(config: dict, fingerprints: dict[str, str]) -> str:
-    """Hash of a merge config with each role replaced by its input model's content fingerprint."""
-    blob = json.dumps({"config": config, "inputs": {r: fingerprints.get(r) for r in sorted(fingerprints)}},
+def roles_used(config: dict) -> set[str]:
+    """The roles a merge config reads: its models, base model and tokenizer source (engine keywords aside)."""
+    used = {m["model"] for m in config.get("models", [])}
+    used |= {config[k] for k in ("base_model", "tokenizer_source")
+             if isinstance(config.get(k), str) and config[k] not in ("base", "union")}
+    return used
+
+
+def point_key(config: dict, fingerprints: dict[str, str], always: tuple[str, ...] = ()) -> str:
+    """Hash of a merge config with each role it reads (and the `always` roles: the loaded model, whose config and
+    tokenizer every point is scored with) replaced by its input model's content fingerprint. Models a point does not
+    read are not in its key, so sweeps that share a cache share the points they have in common (a reference)."""
+    used = roles_used(config) | set(always)
+    blob = json.dumps({"config": config, "inputs": {r: fingerprints.get(r) for r in sorted(fingerprints) if r in used}},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
