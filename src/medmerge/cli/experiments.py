@@ -20,7 +20,7 @@ from .common import command, console, stdout
 def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="the demo's run folder (world, sweep, fewshot, report)"),
     preset: str = typer.Option("quick", "--preset", help="quick (<= 4 min on 2 cores), full (<= 15 min), or real: "
-                               "SmolLM2-135M-Instruct on real clinical data (about an hour; needs --data-dir)"),
+                               "SmolLM2-135M-Instruct on real clinical data (85-90 min on 2 cores; needs --data-dir)"),
     seed: int = typer.Option(0, "--seed", help="seed of the world, the merges and the fine-tuning"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="real preset: the data folder (IFEval, "
                                             "PubMedQA, MedQA, MTS-Dialog, MeQSum, MedQuAD); default $MEDMERGE_DATA"),
