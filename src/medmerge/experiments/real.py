@@ -37,6 +37,7 @@ from ..errors import ConfigError, InputError
 from ..evaluation.bootstrap import Bootstrap, difference_interval, tasks_of
 from ..evaluation.data import MTS_SECTIONS, locate
 from ..evaluation.hooks import mts_dialog_prompt
+from ..evaluation.scores import on_scale
 from ..io.gguf import find_packaged_gguf, import_gguf
 from ..io.records import read_jsonl, read_json, read_table
 from ..settings import Strict, apply_overrides, read_yaml, validation_message
@@ -420,9 +421,9 @@ def _key_metrics(tasks: dict) -> dict:
     out = {}
     for task, metrics in (tasks or {}).items():
         name = KEY_METRICS.get(task)
-        value = (metrics or {}).get(name) if name else None
-        if isinstance(value, (int, float)):
-            out[task] = 100 * value if name.endswith("acc") else value
+        value = on_scale(name, (metrics or {}).get(name)) if name else None
+        if value is not None:
+            out[task] = value
     return out
 
 
