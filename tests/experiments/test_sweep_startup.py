@@ -4,10 +4,17 @@ Every round starts N worker processes on a fresh database; they wait on one Barr
 storage's tables at once, while two busy loops load the CPUs. Each opens the study through medmerge's own
 `open_study`, then asks for and finishes one trial. optuna's bare `create_study(storage=URL)` fails this in
 most rounds ("table studies already exists", "UNIQUE constraint failed: alembic_version.version_num").
+
+Then the search itself: four workers started at once run the real `run_search` on one study (sqlite, then
+PostgreSQL) with a stand-in evaluator (no model: a score computed from the point, 0.3-1 s per trial) and
+complete exactly the budget, with no duplicate; a worker killed in the middle of a trial costs its trial
+(failed after the heartbeat's grace period, queued once more) but not the budget.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import multiprocessing as mp
 import os
 import pwd
@@ -16,6 +23,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
+from collections import Counter
 from contextlib import contextmanager
 from glob import glob
 from pathlib import Path
@@ -23,8 +32,10 @@ from pathlib import Path
 import pytest
 
 from medmerge.errors import ConfigError
-from medmerge.experiments.sweep.config import Search
-from medmerge.experiments.sweep.search import check_storage, open_study
+from medmerge.experiments.sweep.config import Search, SweepConfig
+from medmerge.experiments.sweep.outputs import SweepLog
+from medmerge.experiments.sweep.points import Roles
+from medmerge.experiments.sweep.search import check_storage, open_study, run_search
 
 pytestmark = pytest.mark.slow  # starts child processes (and, where it can, a PostgreSQL server)
 
@@ -201,6 +212,180 @@ def test_workers_started_together_share_one_postgresql_study(cpu_load, postgres,
         if failures:
             failed[r] = failures
     assert not failed, f"{len(failed)}/{rounds} rounds failed: {failed}"
+
+
+# --- the search: workers share one study, complete exactly the budget, and survive one of them dying -------------
+
+BUDGET, WORKERS, KILLED = 12, 4, 1  # worker KILLED is SIGKILLed in its second trial (the kill test)
+KILL_HEARTBEAT = 2  # seconds: the killed worker's trial is failed after 2 x 2 s without heartbeat
+_databases = itertools.count()
+
+
+class FakeSweep:
+    """`run_search`'s evaluator and scorer with no model: a trial sleeps 0.3-1 s (so the workers' trials overlap)
+    and scores the point by formula. With `stall`, the second trial sets it and sleeps until it is killed."""
+
+    roles = Roles()
+
+    def __init__(self, stall=None):
+        self.stall, self.calls = stall, 0
+
+    def score(self, point, sel):
+        self.calls += 1
+        if self.stall is not None and self.calls == 2:
+            self.stall.set()
+            time.sleep(600)
+        time.sleep(0.3 + 0.7 * point.params["t"])
+        return point
+
+    def row(self, point, kind: str) -> dict:
+        t, density = point.params["t"], point.params["density"]
+        return {"kind": kind, "method": point.method, "params": point.params, "tasks": {},
+                "if_score": round(100 * (1 - t), 6), "clinical_score": round(100 * t * density, 6)}
+
+
+def _search_config(url: str, heartbeat: int) -> SweepConfig:
+    return SweepConfig(models={"base": "base", "clinical": "clinical", "instruct": "instruct"},
+                       eval={"tasks": ["none: the evaluator is a stand-in"]},
+                       search=Search(sampler="random", trials=BUDGET, methods=["ties"],
+                                     space={"t": [0.0, 1.0], "density": [0.3, 1.0]}, study="shared",
+                                     storage=url, heartbeat=heartbeat))
+
+
+def _search_worker(url: str, out: str, worker: int, heartbeat: int, barrier, results, stall) -> None:
+    try:
+        cfg, fake = _search_config(url, heartbeat), FakeSweep(stall)
+        log = SweepLog(Path(out) / f"sweep{worker}.jsonl")  # appended row by row: it outlives a killed worker
+        barrier.wait(timeout=60)
+        rows, info = run_search(cfg, fake, fake, Path(out), None, log, worker=worker, progress=False)
+        results.put((worker, "ok", [r["trial"] for r in rows]))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which fails the test with it
+        results.put((worker, "failed", f"{type(e).__name__}: {e}"))
+
+
+def _run_workers(url: str, out: Path, heartbeat: int, kill: bool) -> tuple[dict, float]:
+    """Start WORKERS search workers at once; with `kill`, SIGKILL worker KILLED in its second trial. Returns what
+    each surviving worker reported (its exit code checked) and the wall time."""
+    barrier, results, stall = CTX.Barrier(WORKERS), CTX.Queue(), CTX.Event()
+    procs = [CTX.Process(target=_search_worker, args=(url, str(out), k, heartbeat, barrier, results,
+                                                       stall if kill and k == KILLED else None))
+             for k in range(WORKERS)]
+    started = time.monotonic()
+    for p in procs:
+        p.start()
+    try:
+        if kill:
+            assert stall.wait(timeout=90), f"worker {KILLED} never reached its second trial"
+            os.kill(procs[KILLED].pid, signal.SIGKILL)
+        got = dict((w, (state, what)) for w, state, what in (results.get(timeout=120)
+                                                              for _ in range(WORKERS - kill)))
+        for p in procs:
+            p.join(timeout=30)
+        elapsed = time.monotonic() - started
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    survivors = [k for k in range(WORKERS) if not (kill and k == KILLED)]
+    assert [procs[k].exitcode for k in survivors] == [0] * len(survivors), got
+    if kill:
+        assert procs[KILLED].exitcode == -signal.SIGKILL
+    return got, elapsed
+
+
+def _trials(url: str) -> list:
+    import optuna
+
+    storage = optuna.storages.RDBStorage(url, skip_compatibility_check=True, skip_table_creation=True)
+    try:
+        return optuna.load_study(study_name="shared", storage=storage).get_trials(deepcopy=False)
+    finally:
+        storage.engine.dispose()
+
+
+def _check_study(url: str, out: Path, got: dict, elapsed: float, what: str) -> dict:
+    """The checks both tests share; returns the study's trials by state (and prints the counts)."""
+    from optuna.trial import TrialState
+
+    trials = _trials(url)
+    by_state = {s: [t for t in trials if t.state == s] for s in TrialState}
+    complete = by_state[TrialState.COMPLETE]
+    retried = [t for t in trials if "failed_trial" in t.system_attrs]
+    print(f"\n{what}: {len(trials)} trials: {len(complete)} complete, {len(by_state[TrialState.FAIL])} failed, "
+          f"{len(by_state[TrialState.PRUNED])} pruned, {len(by_state[TrialState.WAITING])} waiting, "
+          f"{len(by_state[TrialState.RUNNING])} running, {len(retried)} retries "
+          f"({[(t.number, t.system_attrs['failed_trial'], t.state.name) for t in retried]}); {elapsed:.1f} s")
+    assert {w: state for w, (state, _) in got.items()} == {w: "ok" for w in got}, got
+    assert len(complete) == BUDGET
+    assert len({t.number for t in trials}) == len(trials)  # unique trial numbers
+    assert not by_state[TrialState.RUNNING]
+    assert len({_point(t) for t in complete}) == BUDGET  # no point evaluated twice
+    assert all(t.user_attrs.get("pruned_because") for t in by_state[TrialState.PRUNED])  # only the budget prunes
+    numbers = sorted(t.number for t in complete)
+    assert all(trials_seen == numbers for _, trials_seen in got.values())  # each worker returned every row
+    logged = {}
+    for log in out.glob("sweep*.jsonl"):
+        logged.update((row["trial"], row) for row in map(json.loads, log.read_text().splitlines()))
+    for t in complete:
+        assert logged[t.number] == json.loads(json.dumps(t.user_attrs["row"]))  # each complete trial's row
+        assert t.values == [t.user_attrs["row"]["if_score"], t.user_attrs["row"]["clinical_score"]]
+    return by_state
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory) -> None:
+    """A study opened once here: the forked workers inherit what the first opening imports and builds."""
+    warm = tmp_path_factory.mktemp("warm-search")
+    _open(f"sqlite:///{warm / 'study.db'}", str(warm), 0)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def shared_study(request, tmp_path, warm) -> str:
+    """The URL of an empty storage: a sqlite file, or a fresh database on the throwaway PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'study.db'}"
+    return request.getfixturevalue("postgres")(f"search{next(_databases)}")
+
+
+def test_four_workers_started_together_complete_exactly_the_budget(shared_study, tmp_path):
+    from optuna.trial import TrialState
+
+    got, elapsed = _run_workers(shared_study, tmp_path, heartbeat=60, kill=False)
+    by_state = _check_study(shared_study, tmp_path, got, elapsed, f"{shared_study.split(':')[0]}, 4 workers")
+    assert not by_state[TrialState.FAIL] and set(got) == set(range(WORKERS))
+
+
+def test_a_worker_killed_mid_trial_costs_its_trial_not_the_budget(shared_study, tmp_path):
+    from optuna.trial import TrialState
+
+    got, elapsed = _run_workers(shared_study, tmp_path, heartbeat=KILL_HEARTBEAT, kill=True)
+    by_state = _check_study(shared_study, tmp_path, got, elapsed,
+                            f"{shared_study.split(':')[0]}, 4 workers, worker {KILLED} killed")
+    [killed] = by_state[TrialState.FAIL]  # the killed worker's trial, failed for want of heartbeats
+    assert "row" not in killed.user_attrs  # it was killed while being evaluated
+    assert sorted(got) == [k for k in range(WORKERS) if k != KILLED]
+    [retry] = [t for t in _trials(shared_study) if t.system_attrs.get("failed_trial") == killed.number]
+    assert retry.params == killed.params  # queued again with the same point ...
+    # ... and evaluated, unless another worker took the slot the failure freed before the retry was queued
+    # (then the retry ranks past the budget and is pruned): either way the budget holds
+    assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    evaluated = Counter(_point(t) for t in by_state[TrialState.COMPLETE] + by_state[TrialState.FAIL])
+    twice = [point for point, n in evaluated.items() if n > 1]
+    assert twice == ([_point(killed)] if retry.state == TrialState.COMPLETE else [])  # the retry, only
+
+
+def _point(trial) -> tuple:
+    return tuple(sorted(trial.params.items()))
+
+
+@pytest.mark.parametrize("heartbeat", [0, -5, 1.5, 7200, "often"])
+def test_a_bad_heartbeat_is_refused(heartbeat):
+    from pydantic import ValidationError
+
+    assert Search().heartbeat == 60 and Search(heartbeat=2).heartbeat == 2
+    with pytest.raises(ValidationError, match="heartbeat"):
+        Search(heartbeat=heartbeat)
 
 
 def test_a_bad_storage_is_refused_with_what_to_do(tmp_path, monkeypatch):

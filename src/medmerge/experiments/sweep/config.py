@@ -79,6 +79,9 @@ class Search(Strict):
     study: str = "medmerge-sweep"
     storage: Optional[str] = None  # default sqlite:///OUT/study.db
     population: int = Field(8, ge=2)  # NSGA-II population size
+    # seconds between a running trial's heartbeats (whole seconds, as optuna stores them); a trial silent for
+    # 2 x heartbeat (its worker killed, its machine lost) is failed and queued once more (search.run_search)
+    heartbeat: int = Field(60, ge=1, le=3600)
 
     @model_validator(mode="after")
     def _space(self):

@@ -12,9 +12,17 @@ one machine, postgresql:// for several machines, with its driver: pip install
 They may start at the same instant: the storage's tables and the study are
 created under a lock (`open_study`). Worker K's sampler is seeded with seed + K
 (so two workers never propose the same sequence, and a single worker is reproducible).
-The study stops at exactly `trials` completed trials: a trial whose number
-ranks past the budget (counting running and finished trials created before it)
-is pruned at once, before any evaluation.
+
+The study stops at exactly `trials` completed trials, even when a worker dies (killed, out of memory, its
+machine lost) in the middle of a trial:
+- a running trial records a heartbeat every `search.heartbeat` seconds; one silent for twice as long is
+  failed by the next worker that looks (optuna's `fail_stale_trials`) and queued once more with the same
+  parameters (`STALE_RETRIES`);
+- a trial whose number ranks past the budget (counting the running, waiting and complete trials created
+  before it) is pruned at once, before any evaluation; and a worker starts a trial only while fewer than
+  `trials` are live. When `trials` are live but fewer are complete, it waits (`_wait_for_a_slot`) until they
+  are all complete (then it stops) or one is failed (then it takes the freed slot), instead of stopping
+  early: the trial it waits for may be a dead worker's.
 
 optuna is imported inside the functions that use it, on purpose: a grid sweep never pays for it.
 """
@@ -24,10 +32,13 @@ from __future__ import annotations
 import fcntl
 import logging
 import re
+import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 from ...errors import ConfigError
+from ...runtime import note
 from ...runtime import progress as progress_bar
 from .config import Search, SweepConfig
 from .evaluator import Selection, SweepEvaluator
@@ -113,6 +124,9 @@ def open_study(search: Search, out: Path, seed: int, worker: int):
     PATH.db.lock beside a sqlite file, a pg_advisory_lock on PostgreSQL. The first worker creates; the others
     wait, find everything there and load it. The schema version check (slow: alembic reads its ~30
     migration scripts) only reads, so it runs outside the lock, in parallel.
+
+    The storage records each running trial's heartbeat every `search.heartbeat` seconds (a thread of
+    `study.optimize`) and fails a trial silent for 2 x heartbeat, then queues it again (`_retry_stale`).
     """
     import optuna
 
@@ -124,7 +138,11 @@ def open_study(search: Search, out: Path, seed: int, worker: int):
     try:
         with _schema_lock(storage):
             optuna.storages.RDBStorage(storage, engine_kwargs=kw, skip_compatibility_check=True).engine.dispose()
-        rdb = optuna.storages.RDBStorage(storage, engine_kwargs=kw, skip_table_creation=True)
+        with warnings.catch_warnings():  # optuna marks heartbeats experimental: the warning would print per worker
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            rdb = optuna.storages.RDBStorage(storage, engine_kwargs=kw, skip_table_creation=True,
+                                             heartbeat_interval=search.heartbeat, grace_period=2 * search.heartbeat,
+                                             heartbeat_stale_trial_callback=_retry_stale(2 * search.heartbeat))
         with _schema_lock(storage):
             study = _create_or_load(search.study, rdb, sampler)
         study.set_user_attr("objectives", ["if_score", "clinical_score"])
@@ -189,12 +207,74 @@ def _create_or_load(name: str, rdb, sampler):
         return optuna.load_study(study_name=name, storage=rdb, sampler=sampler)
 
 
+# A point whose evaluation kills its worker (out of memory) would kill every worker in turn if a stale trial
+# were retried without end; one retry covers the common case, a worker preempted or its machine lost.
+STALE_RETRIES = 1
+WAIT_POLL_MAX_S = 2  # a worker waiting for a slot looks at the study every min(heartbeat / 2, this) seconds
+
+
+def _retry_stale(grace: int):
+    """The storage's stale-trial callback: say which trial was failed, and queue it again (up to STALE_RETRIES).
+
+    optuna's RetryHeartbeatStaleTrialCallback adds a WAITING trial with the failed one's parameters (a new
+    number); the next worker's `study.ask()` takes it. Exactly one worker runs this per stale trial: the
+    others' attempt to fail it finds it finished already.
+    """
+    import optuna
+
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=STALE_RETRIES)
+
+    def stale(study, trial) -> None:
+        again = len(trial.system_attrs.get("retry_history", [])) < STALE_RETRIES
+        note(f"optuna trial {trial.number} failed: its worker sent no heartbeat for {grace} s (killed, or its "
+             f"machine lost); " + ("it is queued again with the same parameters" if again else
+                                   f"it was a retry already ({STALE_RETRIES} at most): it is not queued again"))
+        retry(study, trial)
+
+    return stale
+
+
 def _budget_rank(study, trial) -> int:
-    """How many live (running or finished) trials were created before this one."""
+    """How many live (running, waiting or complete) trials were created before this one."""
     from optuna.trial import TrialState
 
     live = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE, TrialState.WAITING))
     return sum(1 for t in live if t.number < trial.number)
+
+
+def _wait_for_a_slot(study, search: Search, worker: int) -> bool:
+    """Wait until this worker may start a trial (True), or until the budget is spent: `trials` complete (False).
+
+    A new trial ranks after every live (running, waiting or complete) trial, so it is only worth asking for
+    while fewer than `trials` are live, or when a trial is waiting (a retry, which the next ask takes). When
+    `trials` are live and fewer are complete, the running ones are either being evaluated or their worker is
+    dead; so this worker fails the stale ones (no heartbeat for 2 x search.heartbeat s: this frees a slot)
+    and looks again, until a slot frees up or all are complete. Stopping here instead would end the study
+    short of its budget when the trial waited for is a dead worker's.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    poll_s, grace = min(search.heartbeat / 2, WAIT_POLL_MAX_S), 2 * search.heartbeat
+    started, told = time.monotonic(), False
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        live = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE))
+        complete = sum(1 for t in live if t.state == TrialState.COMPLETE)
+        if complete >= search.trials:
+            return False
+        if len(live) < search.trials or any(t.state == TrialState.WAITING for t in live):
+            return True
+        if not told and time.monotonic() - started > 2 * grace:  # longer than a dead worker's trial lasts
+            running = [t.number for t in live if t.state == TrialState.RUNNING]
+            note(f"optuna worker {worker}: the study's last trials ({', '.join(map(str, running))}) are still "
+                 f"running after {time.monotonic() - started:.0f} s; waiting for them to complete (a trial of a "
+                 f"dead worker is failed after {grace} s without heartbeat; one started by a medmerge without "
+                 "heartbeats never is: mark it FAIL, see docs/sweeps.md)")
+            told = True
+        time.sleep(poll_s)
 
 
 def run_search(cfg: SweepConfig, ev: SweepEvaluator, scorer, out: Path, sel: Selection, log, *, worker: int = 0,
@@ -210,9 +290,8 @@ def run_search(cfg: SweepConfig, ev: SweepEvaluator, scorer, out: Path, sel: Sel
     logging.getLogger("optuna").setLevel(logging.WARNING)
 
     def objective(trial):
-        if _budget_rank(study, trial) >= search.trials:
+        if _budget_rank(study, trial) >= search.trials:  # another worker took the last slot meanwhile
             trial.set_user_attr("pruned_because", "the study's trial budget was reached")
-            study.stop()
             raise optuna.TrialPruned()
         point = suggest(trial, search)
         row = scorer.row(ev.score(point, sel), "search")
@@ -232,12 +311,20 @@ def run_search(cfg: SweepConfig, ev: SweepEvaluator, scorer, out: Path, sel: Sel
             def advance(study_, trial_):
                 bar.update(task, completed=len(study_.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))))
 
-            study.optimize(objective, n_trials=search.trials, callbacks=[advance], catch=())
+            while _wait_for_a_slot(study, search, worker):
+                try:  # one trial at a time: between two, the worker waits for a slot (the budget holds)
+                    study.optimize(objective, n_trials=1, callbacks=[advance], catch=())
+                except optuna.exceptions.UpdateFinishedTrialError as e:
+                    # another worker failed this trial as stale: its heartbeats were late by more than the
+                    # grace period (the machine or the database stalled). Its result is dropped; go on.
+                    note(f"optuna worker {worker}: a trial was failed by another worker while it ran ({e}); its "
+                         f"result is dropped. If this recurs, raise search.heartbeat (now {search.heartbeat} s)")
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     rows = [t.user_attrs["row"] for t in sorted(complete, key=lambda t: t.number)]
     info = {"sampler": search.sampler, "study": search.study, "storage": _redact(storage), "trials": search.trials,
             "completed": len(complete), "worker": worker, "seed": cfg.seed + worker,
             "pruned": len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))),
+            "failed": len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))), "heartbeat": search.heartbeat,
             "space": search.space, "methods": search.methods, "layer_groups": search.layer_groups,
             "workers": sorted({t.user_attrs["row"].get("worker", 0) for t in complete})}
     return rows, info
