@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
@@ -92,3 +93,33 @@ def pyplot():
 def note(message: str) -> None:
     """Tell the user something they should know but that is not an error (on stderr, CLI and notebook alike)."""
     print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def process_rank() -> int:
+    """This process's rank under `accelerate launch` or torchrun (0 when started alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def process_count() -> int:
+    """How many processes `accelerate launch` or torchrun started (1 when started alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def prepare_processes(device: str) -> int:
+    """Make several launched processes on CPU one gloo group; return the number of processes.
+
+    accelerate builds a process group on CPU only when it is told the run is on CPU (ACCELERATE_USE_CPU),
+    which its `--cpu` flag sets but only for the one process it then starts (several CPU processes need
+    mpirun there). Launched by `accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node
+    N` with `device` cpu, each process would otherwise run alone on all the data; this sets the flag so
+    that accelerate (and lm-eval's and transformers' use of it) forms one DDP group over gloo.
+    """
+    n = process_count()
+    if n > 1 and device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    elif n == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") \
+            and os.environ.get("ACCELERATE_MIXED_PRECISION") is not None and process_rank() == 0:
+        note("running as one process: `accelerate launch --cpu` starts several CPU processes only through mpirun "
+             "(--mpirun_hostfile); for N processes on CPU use `accelerate launch --multi_gpu --num_processes N` "
+             "or `torchrun --nproc_per_node N` (medmerge then runs them on CPU over gloo)")
+    return n

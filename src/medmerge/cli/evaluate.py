@@ -50,6 +50,8 @@ def eval_cmd(
         system_prompt=system_prompt, log_samples=log_samples, force=force, allow_pickle=allow_pickle,
         verbose=verbose, base_check=not no_base_check,
     )
+    if "tasks" not in results:  # not rank 0 of `accelerate launch`: rank 0 gathered this process's documents
+        return
     table = Table(title=f"{model}{' + ' + str(peft) if peft else ''}")
     for col in ("task", "metric", "value", "stderr"):
         table.add_column(col)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from ..runtime import process_rank
 from ..training.config import load_config
 from ..training.trainer import train
 from .app import app
@@ -25,4 +26,5 @@ def train_cmd(
 ) -> None:
     """Train one stage: pt (continued pre-training) or sft (instruction tuning), full or LoRA."""
     result = train(load_config(config, overrides or []), out, force=force, resume=resume, progress=not quiet)
-    console.print(f"trained {result.summary()}")
+    if process_rank() == 0:  # under `accelerate launch`/torchrun rank 0 wrote OUT
+        console.print(f"trained {result.summary()}")

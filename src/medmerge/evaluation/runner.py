@@ -26,7 +26,7 @@ from ..errors import InputError, MedmergeError
 from ..io.fingerprint import check_adapter_base, fingerprint
 from ..io.folders import check_adapter, check_model
 from ..io.writer import check_output
-from ..runtime import library_versions, resolve_device
+from ..runtime import library_versions, prepare_processes, resolve_device
 from . import nltk_data
 from .bootstrap import per_doc_scores
 from .registry import TaskPlan, plan_tasks
@@ -259,8 +259,24 @@ def load_lm(model, tokenizer, req: EvalRequest):
 
     if req.model_path is None:
         return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=req.batch_size)
-    return HFLM(pretrained=str(req.model_path), peft=str(req.adapter_path) if req.adapter_path else None,
-                device=req.device, batch_size=req.batch_size, dtype=req.dtype, trust_remote_code=False)
+    lm = HFLM(pretrained=str(req.model_path), peft=str(req.adapter_path) if req.adapter_path else None,
+              device=req.device, batch_size=req.batch_size, dtype=req.dtype, trust_remote_code=False)
+    return shard_across_processes(lm)
+
+
+def shard_across_processes(lm):
+    """Under `accelerate launch` with several processes, each evaluates its share of the documents.
+
+    lm-eval's HF backend shards documents across processes only when it counts accelerator devices (GPUs);
+    on CPU processes (`accelerate launch --cpu`, gloo) it leaves every process evaluating everything. This
+    sets the same rank and world size that it sets on GPUs (the global process index, so that several
+    nodes shard too); lm-eval then gives process r the documents r, r + N, ... and gathers the per-document
+    results on rank 0, which alone computes the metrics.
+    """
+    accelerator = getattr(lm, "accelerator", None)
+    if accelerator is not None and accelerator.num_processes > 1 and lm.world_size == 1:
+        lm._rank, lm._world_size = accelerator.process_index, accelerator.num_processes
+    return lm
 
 
 def run_harness(lm, req: EvalRequest, apply_template: bool, *, quiet: bool = False) -> dict:
@@ -383,10 +399,15 @@ def evaluate(
     if not verbose:
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
+    if req.model_path is not None:
+        prepare_processes(req.device)  # under `accelerate launch`/torchrun: shard the documents across processes
     lm = load_lm(model, tokenizer, req)
     apply_template = chat_template == "auto" and getattr(lm.tokenizer, "chat_template", None) is not None
     raw = run_harness(lm, req, apply_template, quiet=quiet)
+    if raw is None:  # another process of a multi-process run: rank 0 gathered its documents and writes
+        return {"rank": lm.rank, "world_size": lm.world_size}
     results = results_record(raw, req, apply_template)
+    results["config"]["processes"] = lm.world_size
     # from the call up to writing: checks, model loading, evaluation, hashing (not the
     # interpreter's start-up, imports made before the call, or writing the files)
     results["wall_time_s"] = round(time.perf_counter() - started, 3)

@@ -28,7 +28,7 @@ from ..io.fingerprint import check_adapter_base, files_sha256, fingerprint, reco
 from ..io.folders import TOKENIZER_FILES, check_adapter, check_model
 from ..io.records import read_jsonl
 from ..io.writer import atomic_output_dir, check_output, output_lock
-from ..runtime import library_versions, note, pyplot, resolve_device
+from ..runtime import library_versions, note, prepare_processes, process_rank, pyplot, resolve_device
 from .config import TrainConfig, dump_config
 from .data import PadCollator, build_examples, check_columns, read_records, select_k
 
@@ -184,7 +184,7 @@ class LogCallback:
         self._last = (time.perf_counter(), 0)
 
     def on_log(self, state, logs: dict) -> None:
-        if "loss" not in logs:
+        if "loss" not in logs or not state.is_world_process_zero:  # every rank logs the same (reduced) loss
             return
         now, seen = time.perf_counter(), int(logs.get("num_input_tokens_seen", state.num_input_tokens_seen or 0))
         dt = now - self._last[0]
@@ -327,7 +327,7 @@ def train(cfg: TrainConfig, out: str | Path, *, force: bool = False, resume: boo
     inputs = [part.model for part in (cfg, *data_parts)] + [part.data.path for part in (cfg, *data_parts)] + \
         [cfg.after_adapter]
     check_output(out, force, inputs)  # never is, holds or lies inside the base, the data or the first adapter
-    main = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch` rank 0 owns OUT and its work folder
+    main = process_rank() == 0  # under `accelerate launch`/torchrun rank 0 owns OUT and its work folder
     with output_lock(out) if main else contextlib.nullcontext():  # one run per OUT: its checkpoints are shared too
         return _train(cfg, out, force=force, resume=resume, progress=progress, callbacks=callbacks,
                       data_parts=data_parts, build_model=build_model, save_model=save_model,
@@ -376,6 +376,7 @@ def _train(cfg: TrainConfig, out: Path, *, force, resume, progress, callbacks, d
         tokenizer.pad_token = tokenizer.eos_token
     examples, data_record, k_shot_record = load_data(tokenizer, list(data_parts) or [cfg])
     device = resolve_device(cfg.training.device, flag="training.device")
+    processes = prepare_processes(device)
     work = work_dir(out)
     started = {"config": cfg.model_dump(mode="json"), "data": data_record, "k_shot": k_shot_record,
                "base_fingerprint": base_fp}
@@ -394,9 +395,14 @@ def _train(cfg: TrainConfig, out: Path, *, force, resume, progress, callbacks, d
         resume_from = None
     else:
         resume_from = None
-    work.mkdir(parents=True, exist_ok=True)
-    if main and not resume:
-        (work / RUN_RECORD).write_text(json.dumps(started, indent=2) + "\n")
+    if main:
+        work.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (work / RUN_RECORD).write_text(json.dumps(started, indent=2) + "\n")
+    if processes > 1:  # the other ranks start once rank 0 has cleared and prepared the work folder
+        from accelerate import PartialState
+
+        PartialState(cpu=device == "cpu").wait_for_everyone()
     set_seed(cfg.seed)  # before the adapter is created: its random A init comes from the recorded seed
     model = (build_model or _load_model)(cfg, device)
     unseen_rows = freeze_unseen_token_rows(model, examples) if cfg.freeze_unseen_tokens else None
@@ -440,6 +446,10 @@ def _train(cfg: TrainConfig, out: Path, *, force, resume, progress, callbacks, d
                    "seconds": round(seconds, 2), "tokens_seen": tokens,
                    "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None},
         "seed": cfg.seed,
+        # batch_size is per process (transformers' per_device_train_batch_size): N processes with batch_size b
+        # train like one process with N x b (the tests check the loss curves agree)
+        "processes": {"count": trainer.args.world_size,
+                      "global_batch": t.batch_size * t.grad_accum * trainer.args.world_size},
         "config": cfg.model_dump(mode="json"),
         "versions": library_versions(*RECORDED_LIBRARIES),
         **(record_extra or {}),
