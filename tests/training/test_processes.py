@@ -1,9 +1,9 @@
 """Several processes on CPU (`accelerate launch --multi_gpu --num_processes 2`, DDP over gloo) train and evaluate
 like one: the same loss curve and weights for the same global batch, the same documents scored once each.
 
-Two processes with batch_size b against one with 2b: each step's batch is the same examples (accelerate
-hands process r the r-th half of each global batch), the gradient is averaged across processes (transformers
-counts the loss tokens across devices), so the curves agree to float rounding. Evaluation shards documents
+training.batch_size is the global batch: two processes take half of each batch each (accelerate's
+split_batches), the gradient is averaged across processes (transformers counts the loss tokens across
+devices), so one config gives the same loss curve on one process or two, to float rounding. Evaluation shards documents
 r, r + 2, ... to process r and gathers them on rank 0: per-document answers and metrics equal one process's.
 """
 
@@ -78,12 +78,16 @@ def _train_config(world: Path, name: str, batch_size: int, **extra) -> Path:
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_two_processes_train_like_one_with_the_same_global_batch(world, tmp_path, lora):
     extra = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}} if lora else {}
-    _run(["train", _train_config(world, "one", 4, **extra), "--out", tmp_path / "one", "--quiet"], 1, world)
-    two = _run(["train", _train_config(world, "two", 2, **extra), "--out", tmp_path / "two", "--quiet"], 2, world)
+    cfg = _train_config(world, "lora" if lora else "full", 4, **extra)
+    _run(["train", cfg, "--out", tmp_path / "one", "--quiet"], 1, world)
+    two = _run(["train", cfg, "--out", tmp_path / "two", "--quiet"], 2, world)
     assert (two.stdout + two.stderr).count("trained 12 steps") == 1  # rank 0 alone reports (and writes)
 
     rec1, rec2 = (json.loads((tmp_path / n / "medmerge_train.json").read_text()) for n in ("one", "two"))
-    assert rec1["processes"] == {"count": 1, "global_batch": 4} and rec2["processes"] == {"count": 2, "global_batch": 4}
+    assert rec1["processes"] == {"count": 1, "per_process_batch": 4, "global_batch": 4,
+                                 "examples_repeated_per_epoch": 0}
+    assert rec2["processes"] == {"count": 2, "per_process_batch": 2, "global_batch": 4,
+                                 "examples_repeated_per_epoch": 0}
     # every example's tokens counted once per epoch, over both processes (12 steps x 4 = the 48 examples)
     assert rec1["result"]["tokens_seen"] == rec2["result"]["tokens_seen"] > 0
     curve1, curve2 = ([json.loads(x)["loss"] for x in (tmp_path / n / "train_log.jsonl").open()] for n in ("one", "two"))
@@ -99,6 +103,23 @@ def test_two_processes_train_like_one_with_the_same_global_batch(world, tmp_path
     for k in w1:
         scale = max(float(w1[k].abs().max()), 1e-6)
         assert float((w1[k] - w2[k]).abs().max()) / scale < 1e-4, k
+
+
+def test_a_batch_that_does_not_split_is_refused_and_a_short_last_batch_is_said(world, tmp_path):
+    cfg = _train_config(world, "odd", 3)
+    r = subprocess.run([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                        "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "medmerge.cli",
+                        "train", str(cfg), "--out", str(tmp_path / "odd")], cwd=world, env=_env(), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode != 0 and "training.batch_size 3 is the global batch" in r.stderr and "multiple of 2" in r.stderr
+    assert not (tmp_path / "odd").exists()
+    # 48 examples in batches of 10: the last holds 8, completed with 2 repeated examples (said and recorded)
+    cfg = _train_config(world, "ten", 10, training={"max_steps": -1, "epochs": 1, "batch_size": 10, "lr": 1e-3,
+                                                   "threads": 1, "device": "cpu", "warmup_ratio": 0.0})
+    r = _run(["train", cfg, "--out", tmp_path / "ten", "--quiet"], 2, world)
+    assert "completes it with 2 examples from the epoch's start" in " ".join(r.stderr.split())
+    rec = json.loads((tmp_path / "ten" / "medmerge_train.json").read_text())
+    assert rec["processes"]["examples_repeated_per_epoch"] == 2 and rec["result"]["steps"] == 5
 
 
 def _task(world: Path, name: str, rows: list[dict]) -> Path:
@@ -137,3 +158,26 @@ def test_two_processes_evaluate_each_document_once_with_one_process_metrics(worl
     assert r1["tasks"] == r2["tasks"] and r1["stderr"] == r2["stderr"]
     assert 0 < r1["tasks"]["tiny_gen"]["rouge1"] < 100
     print(f"one process {r1['tasks']['tiny_gen']}; two processes {r2['tasks']['tiny_gen']}")
+
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"needs the shared data folder {SHARED}")
+def test_two_processes_score_multiple_choice_and_ifeval_like_one(world, tmp_path):
+    """Log-likelihood requests (MedQA, 4 options per question) and IFEval's generations and checkers."""
+    args = ["eval", "base", "--tasks", "mm_medqa,mm_ifeval", "--limit", "7", "--data-dir", SHARED, "--device", "cpu",
+            "--log-samples", "--chat-template", "none", "--gen-kwargs", "max_new_tokens=8"]
+    _run([*args, "--out", tmp_path / "one"], 1, world)
+    _run([*args, "--out", tmp_path / "two"], 2, world)
+    r1, r2 = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("one", "two"))
+    assert r1["samples"] == r2["samples"] and r1["samples"]["mm_medqa"]["effective"] == 7
+    assert r1["tasks"] == r2["tasks"]
+    for task, errs in r1["stderr"].items():  # the gathered documents come in another order: the last bit may differ
+        assert r2["stderr"][task] == pytest.approx(errs, rel=1e-12)
+    for task in ("mm_medqa", "mm_ifeval"):
+        s1, s2 = ({json.loads(x)["doc_id"]: json.loads(x) for x in (tmp_path / n / "samples" / f"{task}.jsonl").open()}
+                  for n in ("one", "two"))
+        assert sorted(s1) == sorted(s2) == list(range(7))
+        assert all(s1[i]["response"] == s2[i]["response"] for i in s1), task
+    print(f"MedQA/IFEval, one process {r1['tasks']}; two processes {r2['tasks']}")

@@ -335,6 +335,26 @@ def train(cfg: TrainConfig, out: str | Path, *, force: bool = False, resume: boo
                       main=main)
 
 
+def check_process_split(cfg: TrainConfig, examples: int, processes: int, main: bool) -> int:
+    """Under N processes each takes batch_size / N examples of every batch; refuse a batch that does not split.
+
+    Returns how many examples each epoch repeats: accelerate completes a short last batch with examples from
+    the epoch's start so that every process gets its share (DDP needs all of them in every step); said once.
+    """
+    if processes == 1:
+        return 0
+    b = cfg.training.batch_size
+    if b % processes:
+        raise ConfigError(f"training.batch_size {b} is the global batch, split across the {processes} processes: "
+                          f"use a multiple of {processes} (e.g. {b + processes - b % processes})")
+    short = examples % b
+    if short and main:
+        note(f"{examples} examples in batches of {b}: each epoch's last batch holds {short}, and accelerate "
+             f"completes it with {b - short} examples from the epoch's start, which are seen twice; for exactly "
+             f"one process's training use a data size (after k_shot and packing) that is a multiple of {b}")
+    return b - short if short else 0
+
+
 def check_finite_weights(model, out: Path, work: Path, loss: Optional[float]) -> None:
     """Refuse to write a model whose trained weights hold NaN or inf (a learning rate or weight decay that diverged).
 
@@ -377,6 +397,7 @@ def _train(cfg: TrainConfig, out: Path, *, force, resume, progress, callbacks, d
     examples, data_record, k_shot_record = load_data(tokenizer, list(data_parts) or [cfg])
     device = resolve_device(cfg.training.device, flag="training.device")
     processes = prepare_processes(device)
+    repeated = check_process_split(cfg, len(examples), processes, main)
     work = work_dir(out)
     started = {"config": cfg.model_dump(mode="json"), "data": data_record, "k_shot": k_shot_record,
                "base_fingerprint": base_fp}
@@ -415,6 +436,9 @@ def _train(cfg: TrainConfig, out: Path, *, force, resume, progress, callbacks, d
         bf16=t.bf16, use_cpu=device == "cpu", seed=cfg.seed, data_seed=cfg.seed, report_to="none",
         include_num_input_tokens_seen="non_padding", disable_tqdm=not progress, remove_unused_columns=False,
         dataloader_num_workers=0, save_only_model=False,
+        # several processes split each batch of batch_size (accelerate's split_batches): the same config trains
+        # the same model on any number of processes, every example once per epoch (tests/training/test_processes.py)
+        **({"accelerator_config": {"split_batches": True}} if processes > 1 else {}),
     )
     log = LogCallback(work / LOG, log_keys)
     if not resume and log.path.exists():
@@ -446,10 +470,9 @@ def _train(cfg: TrainConfig, out: Path, *, force, resume, progress, callbacks, d
                    "seconds": round(seconds, 2), "tokens_seen": tokens,
                    "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None},
         "seed": cfg.seed,
-        # batch_size is per process (transformers' per_device_train_batch_size): N processes with batch_size b
-        # train like one process with N x b (the tests check the loss curves agree)
-        "processes": {"count": trainer.args.world_size,
-                      "global_batch": t.batch_size * t.grad_accum * trainer.args.world_size},
+        # batch_size is the global batch: N processes take batch_size / N examples of each batch each
+        "processes": {"count": processes, "per_process_batch": t.batch_size // processes,
+                      "global_batch": t.batch_size * t.grad_accum, "examples_repeated_per_epoch": repeated},
         "config": cfg.model_dump(mode="json"),
         "versions": library_versions(*RECORDED_LIBRARIES),
         **(record_extra or {}),
