@@ -181,3 +181,32 @@ def test_two_processes_score_multiple_choice_and_ifeval_like_one(world, tmp_path
         assert sorted(s1) == sorted(s2) == list(range(7))
         assert all(s1[i]["response"] == s2[i]["response"] for i in s1), task
     print(f"MedQA/IFEval, one process {r1['tasks']}; two processes {r2['tasks']}")
+
+
+def test_medcare_stages_and_the_orthogonality_penalty_train_like_one_process(world, tmp_path):
+    """The penalty is computed whole on every process (it reads weights, not data) and added after transformers
+    scales each process's token loss: DDP's average of the gradients is then exactly one process's."""
+    train = {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "logging_steps": 1, "threads": 1, "warmup_ratio": 0.0,
+             "device": "cpu"}
+    (world / "s1.yml").write_text(yaml.safe_dump({
+        "model": "base", "chat_template": "chatml", "max_seq_length": 64, "training": train,
+        "data": [{"path": "sft.jsonl"}],
+        "modules": {"attention": {"dropout": 0.0},  # dropout draws differ per process
+                    "ffn": {"knowledge_rank": 8, "noise_experts": 4, "noise_rank": 4, "dropout": 0.0}}}))
+    curves = {}
+    for n in (1, 2):
+        _run(["medcare", "stage1", world / "s1.yml", "--out", tmp_path / f"s1_{n}", "-q"], n, world)
+        (world / f"s2_{n}.yml").write_text(yaml.safe_dump({
+            "stage1": str(tmp_path / f"s1_{n}"), "data": [{"path": "sft.jsonl"}], "chat_template": "chatml",
+            "max_seq_length": 64, "training": train, "alignment": {"rank": 8, "lambda": 1.0}}))
+        _run(["medcare", "stage2", world / f"s2_{n}.yml", "--out", tmp_path / f"s2_{n}", "-q"], n, world)
+        curves[n] = {s: [json.loads(x) for x in (tmp_path / f"{s}_{n}" / "train_log.jsonl").open()]
+                     for s in ("s1", "s2")}
+    for stage in ("s1", "s2"):
+        for key in ("loss", "nll", "orth_penalty") if stage == "s2" else ("loss",):
+            one, two = ([row[key] for row in curves[n][stage]] for n in (1, 2))
+            assert len(one) == len(two) == 6
+            worst = max(abs(a - b) / abs(a) for a, b in zip(one, two))
+            print(f"medcare {stage} {key}: largest relative difference {worst:.2e}")
+            assert worst < 1e-5, (stage, key, one, two)
+    assert curves[1]["s2"][-1]["orth_penalty"] < curves[1]["s2"][0]["orth_penalty"]  # the penalty did work

@@ -60,8 +60,14 @@ def trainer_class():
 
         def log(self, logs, *args, **kwargs):
             if "loss" in logs and self._sums[2]:
-                logs["nll"] = round(self._sums[0] / self._sums[2], 6)
-                logs["orth_penalty"] = round(self._sums[1] / self._sums[2], 6)
+                penalty = self._sums[1] / self._sums[2]  # every process computes the same penalty (all weights)
+                if self.accelerator.num_processes > 1:
+                    # this process's nll is its share of the global token mean, scaled by the process count;
+                    # the logged loss is already reduced across processes: nll is what remains of it
+                    logs["nll"] = round(logs["loss"] - self.orth_lambda * penalty, 6)
+                else:
+                    logs["nll"] = round(self._sums[0] / self._sums[2], 6)
+                logs["orth_penalty"] = round(penalty, 6)
                 self._sums = [0.0, 0.0, 0]
             super().log(logs, *args, **kwargs)
 
