@@ -17,6 +17,7 @@ from typing import Callable
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import MedmergeError, describe_os_error
 
@@ -25,7 +26,7 @@ stdout = Console()  # results: tables and reports
 
 
 def fail(e: Exception) -> None:
-    console.print(f"[bold red]error:[/] {e}")
+    console.print(f"[bold red]error:[/] {escape(str(e))}")  # messages hold brackets: pip install 'medmerge[vllm]'
     raise typer.Exit(2)
 
 
@@ -48,7 +49,7 @@ def command(group: typer.Typer, name: str, *, interrupted: str = "nothing was wr
             except Exception as e:  # the last resort: an input some check missed; still no traceback for users
                 if os.environ.get("MEDMERGE_DEBUG"):
                     raise
-                console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e}")
+                console.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))}")
                 console.print("medmerge did not expect this (an input it should have checked with a clear message). "
                               "Please report it with the command you ran; MEDMERGE_DEBUG=1 shows the traceback.")
                 raise typer.Exit(3) from None

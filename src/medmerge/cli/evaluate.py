@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from ..errors import MedmergeError
 from ..evaluation import nltk_data
 from ..evaluation.compare import compare, parse_references, render_markdown
 from ..evaluation.registry import builtin_tasks, task_table
@@ -39,8 +40,25 @@ def eval_cmd(
     no_base_check: bool = typer.Option(False, "--no-base-check", help="skip the check that --peft was trained on MODEL "
                                        "(recorded fingerprint, else the adapter's base_model_name_or_path)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show lm-eval's log"),
+    engine: str = typer.Option("hf", "--engine", help="lm-eval backend: hf (transformers) or vllm (a CUDA GPU; "
+                               "pip install 'medmerge[vllm]')"),
+    tensor_parallel: Optional[int] = typer.Option(None, "--tensor-parallel", help="vllm: GPUs per engine"),
+    data_parallel: Optional[int] = typer.Option(None, "--data-parallel", help="vllm: engines (through Ray)"),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization",
+                                                           help="vllm: share of each GPU's memory (0-1]"),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="vllm: context length"),
 ) -> None:
-    """Evaluate MODEL (optionally with --peft) on --tasks, offline; write OUT/results.json."""
+    """Evaluate MODEL (optionally with --peft) on --tasks, offline; write OUT/results.json.
+
+    Under `accelerate launch --multi_gpu --num_processes N` (or torchrun) the documents are shared across
+    the N processes (GPUs, or CPU processes over gloo) and rank 0 writes OUT.
+    """
+    given = {k: v for k, v in dict(tensor_parallel=tensor_parallel, data_parallel=data_parallel,
+                                   gpu_memory_utilization=gpu_memory_utilization,
+                                   max_model_len=max_model_len).items() if v is not None}
+    if given and engine != "vllm":
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise MedmergeError(f"{flags}: vLLM options, for --engine vllm (the engine is {engine})")
     results = evaluate(
         model, [t for t in tasks.split(",") if t.strip()], out, peft=peft, task_files=task_file,
         include_paths=include_path, data_dir=data_dir,
@@ -48,7 +66,7 @@ def eval_cmd(
         batch_size=int(batch_size) if batch_size.isdigit() else batch_size,
         device=device, dtype=dtype, seed=seed, gen_kwargs=gen_kwargs, chat_template=chat_template,
         system_prompt=system_prompt, log_samples=log_samples, force=force, allow_pickle=allow_pickle,
-        verbose=verbose, base_check=not no_base_check,
+        verbose=verbose, base_check=not no_base_check, engine=engine, vllm=given if engine == "vllm" else None,
     )
     if "tasks" not in results:  # not rank 0 of `accelerate launch`: rank 0 gathered this process's documents
         return

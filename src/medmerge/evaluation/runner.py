@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -29,6 +29,7 @@ from ..io.writer import check_output
 from ..runtime import library_versions, prepare_processes, resolve_device
 from . import nltk_data
 from .bootstrap import per_doc_scores
+from .engines import VllmOptions, check_engine, load_vllm
 from .registry import TaskPlan, plan_tasks
 from .results import SCHEMA, convert_results, jsonable, unavailable_metrics, write_results
 
@@ -95,6 +96,8 @@ class EvalRequest:
     system_prompt: Optional[str] = None
     log_samples: bool = False
     base_check: Optional[str] = None  # what the adapter's same-base check found (or that it was skipped)
+    engine: str = "hf"  # lm-eval's backend: hf or vllm (evaluation.engines)
+    vllm: Optional[VllmOptions] = None
 
 
 def check_gen_kwargs(gen: dict) -> None:
@@ -205,7 +208,8 @@ def check_generation_length(model_path: Path, plan: TaskPlan, gen: dict) -> None
 def check_request(model, tasks: Sequence[str], out: Optional[str | Path], *, peft=None, task_files=(),
                   include_paths=(), data_dir=None, limit=None, samples=None, batch_size=1, device="auto",
                   dtype="auto", seed=1234, gen_kwargs=None, chat_template="auto", system_prompt=None,
-                  log_samples=False, force=False, allow_pickle=False, plan=None, base_check=True) -> EvalRequest:
+                  log_samples=False, force=False, allow_pickle=False, plan=None, base_check=True, engine="hf",
+                  vllm=None, prebuilt=False) -> EvalRequest:
     """Everything that can be wrong with an evaluation, found before a model is loaded.
 
     `base_check` (`--no-base-check` turns it off) refuses an adapter trained on another base than
@@ -213,6 +217,11 @@ def check_request(model, tasks: Sequence[str], out: Optional[str | Path], *, pef
     """
     if chat_template not in ("auto", "none"):
         raise MedmergeError(f"--chat-template must be auto or none, not {chat_template!r}")
+    vllm = (vllm if isinstance(vllm, VllmOptions) else VllmOptions(**vllm)) if vllm else None
+    if not prebuilt:  # a sweep's engine was checked (and started) once for the whole run
+        check_engine(engine, vllm, device=device, adapter=peft is not None)
+    if engine == "vllm" and not prebuilt and not isinstance(model, (str, Path)):
+        raise MedmergeError("--engine vllm loads a model folder, not a model already loaded in memory")
     check_batch_size(batch_size)
     check_seed(seed)
     limit = check_limit(limit)
@@ -250,11 +259,15 @@ def check_request(model, tasks: Sequence[str], out: Optional[str | Path], *, pef
     return EvalRequest(model_path=model_path, adapter_path=adapter_path, plan=plan, data_root=data_root,
                        device=device, gen=gen, include_paths=list(include_paths), limit=limit, samples=samples,
                        batch_size=batch_size, dtype=dtype, seed=seed, chat_template=chat_template,
-                       system_prompt=system_prompt, log_samples=log_samples, base_check=base_note)
+                       system_prompt=system_prompt, log_samples=log_samples, base_check=base_note, engine=engine,
+                       vllm=vllm)
 
 
 def load_lm(model, tokenizer, req: EvalRequest):
-    """lm-eval's HF model wrapper around a folder (with its adapter) or an already loaded model."""
+    """lm-eval's HF model wrapper around a folder (with its adapter) or an already loaded model; or its vLLM one."""
+    if req.engine == "vllm":
+        return load_vllm(req.model_path, adapter_path=req.adapter_path, dtype=req.dtype, seed=req.seed,
+                         batch_size=req.batch_size, options=req.vllm)
     from lm_eval.models.huggingface import HFLM  # deferred: lm-eval and transformers take seconds to import
 
     if req.model_path is None:
@@ -346,7 +359,8 @@ def results_record(raw: dict, req: EvalRequest, apply_template: bool) -> dict:
             "data_dir": str(req.data_root) if req.data_root else None, "limit": req.limit,
             "samples": {t: len(v) for t, v in req.samples.items()} if req.samples else None,
             "batch_size": req.batch_size, "device": req.device, "dtype": req.dtype, "seed": req.seed,
-            "gen_kwargs": req.gen or None, "chat_template": req.chat_template,
+            "gen_kwargs": req.gen or None, "chat_template": req.chat_template, "engine": req.engine,
+            **({"vllm": asdict(req.vllm or VllmOptions())} if req.engine == "vllm" else {}),
             "num_fewshot": {t: c.get("num_fewshot") for t, c in configs.items()},
         },
         "task_versions": jsonable(raw.get("versions", {})),
@@ -380,12 +394,17 @@ def evaluate(
     plan: Optional[TaskPlan] = None,
     quiet: bool = False,
     base_check: bool = True,
+    engine: str = "hf",
+    vllm: Optional[VllmOptions | dict] = None,
+    lm: Any = None,
 ) -> dict:
     """Evaluate `model` (a local folder or a loaded transformers model) on `tasks`; write OUT/results.json.
 
     `quiet` hides lm-eval's per-request progress bars (callers with their own progress display).
     `samples` ({task: [doc index, ...]}, lm-eval's option) evaluates chosen documents instead of
     `limit`'s first ones. `plan` reuses a `plan_tasks` result (and its loaded task index) across calls.
+    `engine` is lm-eval's backend, hf or vllm (`vllm`: its VllmOptions); `lm` is an lm-eval model already
+    built (a sweep's running vLLM engine, whose weights the caller has set), used instead of loading one.
     Returns the results dict (also when `out` is None, in which case nothing is written).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -395,13 +414,15 @@ def evaluate(
                         data_dir=data_dir, limit=limit, samples=samples, batch_size=batch_size, device=device,
                         dtype=dtype, seed=seed, gen_kwargs=gen_kwargs, chat_template=chat_template,
                         system_prompt=system_prompt, log_samples=log_samples, force=force,
-                        allow_pickle=allow_pickle, plan=plan, base_check=base_check)
+                        allow_pickle=allow_pickle, plan=plan, base_check=base_check, engine=engine, vllm=vllm,
+                        prebuilt=lm is not None)
     if not verbose:
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
-    if req.model_path is not None:
-        prepare_processes(req.device)  # under `accelerate launch`/torchrun: shard the documents across processes
-    lm = load_lm(model, tokenizer, req)
+    if lm is None:
+        if req.model_path is not None and engine == "hf":
+            prepare_processes(req.device)  # under `accelerate launch`/torchrun: shard the documents across processes
+        lm = load_lm(model, tokenizer, req)
     apply_template = chat_template == "auto" and getattr(lm.tokenizer, "chat_template", None) is not None
     raw = run_harness(lm, req, apply_template, quiet=quiet)
     if raw is None:  # another process of a multi-process run: rank 0 gathered its documents and writes

@@ -11,7 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 from pydantic import Field, ValidationError
 
@@ -29,6 +29,15 @@ class WorldSettings(Strict):
     dir: Optional[Path] = None  # an already built world (`medmerge miniclinic build`) instead of OUT/world
 
 
+class VllmSettings(Finite):
+    """`eval.vllm`: lm-eval's vLLM backend options (evaluation.engines.VllmOptions), for `eval.engine: vllm`."""
+
+    tensor_parallel: int = Field(1, ge=1)
+    data_parallel: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: Optional[int] = Field(None, ge=1)
+
+
 class EvalSettings(Finite):
     """Which tasks every model of an experiment is evaluated on, and how (`medmerge eval`'s options)."""
 
@@ -41,13 +50,16 @@ class EvalSettings(Finite):
     device: str = "auto"
     max_new_tokens: Optional[int] = Field(None, ge=1)
     chat_template: str = "auto"
+    engine: Literal["hf", "vllm"] = "hf"  # lm-eval's backend; vllm: a CUDA GPU, pip install 'medmerge[vllm]'
+    vllm: VllmSettings = VllmSettings()
 
     def kwargs(self, seed: int) -> dict:
         """Keyword arguments of `evaluation.evaluate` (without the model, tasks and output)."""
         return dict(include_paths=self.include_paths, task_files=self.task_files, data_dir=self.data_dir,
                     limit=self.limit, batch_size=self.batch_size, device=self.device,
                     chat_template=self.chat_template, seed=seed,
-                    gen_kwargs={"max_new_tokens": self.max_new_tokens} if self.max_new_tokens else None)
+                    gen_kwargs={"max_new_tokens": self.max_new_tokens} if self.max_new_tokens else None,
+                    engine=self.engine, vllm=self.vllm.model_dump() if self.engine == "vllm" else None)
 
 
 def resolve_eval_paths(ev: Optional[dict], rel) -> dict:

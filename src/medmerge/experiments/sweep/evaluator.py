@@ -32,6 +32,7 @@ import torch
 
 from ...errors import ConfigError, InputError
 from ...evaluation import nltk_data, runner
+from ...evaluation.engines import VllmOptions, check_engine, load_vllm, push_weights
 from ...evaluation.registry import plan_tasks, shipped_tasks
 from ...io.checkpoint import Checkpoint
 from ...io.fingerprint import fingerprint
@@ -92,6 +93,12 @@ class SweepEvaluator:
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.stats = EvalStats()
+        self.eval_kwargs = dict(eval_kwargs)
+        self.engine = self.eval_kwargs.pop("engine", None) or "hf"
+        vllm = VllmOptions(**(self.eval_kwargs.pop("vllm", None) or {}))
+        if self.engine == "vllm":  # one engine for the whole sweep; each merge is pushed into it (_apply)
+            check_engine("vllm", vllm, live_updates=True, device=device)
+            device = "cpu"  # the GPU's memory is vLLM's: the merge target (a Hugging Face model) stays in RAM
         self.device = device = resolve_device(device)
         self.dtype = dtype or "float32"
         self.merger = InMemoryMerger({r: Checkpoint(p, allow_pickle=allow_pickle) for r, p in self.models.items()},
@@ -103,8 +110,12 @@ class SweepEvaluator:
             str(self.models[load]), dtype=getattr(torch, self.dtype), trust_remote_code=False).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.models[load]))
         self.load = load
-        self.eval_kwargs = dict(eval_kwargs)
         self.eval_kwargs["device"] = device
+        self.vllm_lm = None
+        if self.engine == "vllm":
+            self.vllm_lm = load_vllm(self.models[load], dtype=self.dtype, seed=self.eval_kwargs.get("seed", 1234),
+                                     batch_size=self.eval_kwargs.get("batch_size"), options=vllm, live_updates=True)
+            self.eval_kwargs.pop("device")
         nltk_data.activate()
         data_dir = self.eval_kwargs.get("data_dir")
         if data_dir is None and os.environ.get("MEDMERGE_DATA"):
@@ -177,7 +188,8 @@ class SweepEvaluator:
         kw = self.eval_kwargs
         blob = {"gen": kw.get("gen_kwargs"), "chat_template": kw.get("chat_template", "auto"),
                 "system_prompt": kw.get("system_prompt"), "seed": kw.get("seed"), "batch_size": kw.get("batch_size"),
-                "dtype": self.dtype, "lm_eval": version("lm_eval"), "tokenizer": self._tokenizer_hash()}
+                "dtype": self.dtype, "lm_eval": version("lm_eval"), "tokenizer": self._tokenizer_hash(),
+                **({"engine": self.engine} if self.engine != "hf" else {})}  # vLLM's kernels: other numbers
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _tokenizer_hash(self) -> str:
@@ -264,6 +276,8 @@ class SweepEvaluator:
     def _apply(self, config: dict) -> None:
         started = time.perf_counter()
         self.merger.merge_into(self.model, config, strict=True)
+        if self.vllm_lm is not None:
+            push_weights(self.vllm_lm.model, self.model)  # into the running engine: no model load per point
         self.stats.merges += 1
         self.stats.merge_seconds += time.perf_counter() - started
 
@@ -279,7 +293,7 @@ class SweepEvaluator:
         if sel.samples is not None:
             samples = {leaf: sel.samples[leaf] for t in tasks for leaf in self._leaves[t]}
         res = runner.evaluate(self.model, tasks, None, tokenizer=self.tokenizer, samples=samples, plan=plan, quiet=True,
-                              log_samples=True, **kw)
+                              log_samples=True, lm=self.vllm_lm, **kw)
         self.stats.eval_seconds += time.perf_counter() - started
         return res
 
