@@ -21,7 +21,6 @@ from typer.testing import CliRunner
 
 from medmerge.cli import app
 from medmerge.errors import MedmergeError
-from medmerge.evaluation import engines
 from medmerge.evaluation.engines import VllmOptions, check_engine, push_weights, weight_chunks
 from medmerge.evaluation.vllm_worker import WeightLoader
 from medmerge.tiny import make_model
