@@ -36,7 +36,7 @@ SIDEWAYS = {
 }
 DEFERRED = {  # heavy third-party packages, imported by the functions that need them
     "transformers", "peft", "lm_eval", "datasets", "optuna", "matplotlib", "nltk", "sacrebleu", "rouge_score",
-    "langdetect", "tokenizers", "punkt", "sqlalchemy", "gguf",
+    "langdetect", "tokenizers", "punkt", "sqlalchemy", "gguf", "accelerate", "vllm",
 }
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
+from safetensors.torch import save_file
 
 from ..errors import MedmergeError
 
@@ -135,8 +136,6 @@ def push_weights(engine, model: torch.nn.Module, *, chunk_bytes: int = 2 << 30) 
     `engine` is a `vllm.LLM` started with WORKER_EXTENSION. Every state_dict entry is sent, tied ones under
     both names (vLLM's loaders skip lm_head when the config ties it).
     """
-    from safetensors.torch import save_file
-
     tensors = list(model.state_dict().items())
     sent = 0
     with tempfile.TemporaryDirectory(prefix="medmerge-vllm-", dir=_staging_dir(chunk_bytes)) as tmp:
