@@ -49,7 +49,8 @@ def gguf_header(file: Path) -> dict:
     try:
         import gguf
     except ImportError:
-        raise MedmergeError("importing GGUF files needs the `gguf` package: pip install gguf") from None
+        raise MedmergeError("importing GGUF files needs the `gguf` package: pip install 'medmerge[real]' "
+                            "(or pip install gguf)") from None
     if not file.is_file():
         raise InputError(f"GGUF file {file} does not exist; pass the path of a .gguf file")
     with open(file, "rb") as f:
