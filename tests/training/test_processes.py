@@ -210,3 +210,14 @@ def test_medcare_stages_and_the_orthogonality_penalty_train_like_one_process(wor
             print(f"medcare {stage} {key}: largest relative difference {worst:.2e}")
             assert worst < 1e-5, (stage, key, one, two)
     assert curves[1]["s2"][-1]["orth_penalty"] < curves[1]["s2"][0]["orth_penalty"]  # the penalty did work
+
+
+def test_accelerate_cpu_flag_starting_one_process_is_said(world, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process (several need mpirun): medmerge says so."""
+    r = subprocess.run([*ACCELERATE, "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                        "--dynamo_backend", "no", "-m", "medmerge.cli", "train", str(_train_config(world, "cpu", 4)),
+                        "--out", str(tmp_path / "cpu"), "--quiet"], cwd=world, env=_env(), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "running as one process: `accelerate launch --cpu`" in " ".join(r.stderr.split())
+    assert json.loads((tmp_path / "cpu" / "medmerge_train.json").read_text())["processes"]["count"] == 1
