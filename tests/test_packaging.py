@@ -121,10 +121,12 @@ def test_the_wheel_installs_into_a_fresh_venv_and_its_commands_work(llama_family
 
     python = shutil.which("python3.11") or sys.executable
     dist, venv = tmp_path / "dist", tmp_path / "venv"
+    source = tmp_path / "source"  # a copy: setuptools writes build/ and *.egg-info into the tree it builds
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "_work"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(dist), str(ROOT)], capture_output=True, text=True, cwd=tmp_path)
+                            "-w", str(dist), str(source)], capture_output=True, text=True, cwd=tmp_path)
     assert build.returncode == 0, build.stderr[-3000:]
-    shutil.rmtree(ROOT / "build", ignore_errors=True)  # setuptools' staging folder, not the project's
     wheel = next(dist.glob("medmerge-*.whl"))
     subprocess.run([python, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
