@@ -162,3 +162,35 @@ def test_a_sweep_through_a_live_engine_scores_every_point_like_the_hf_engine(swe
         assert a["tasks"] == b["tasks"], a["label"]
     assert engine.resets == live["evaluations"]["run"] // 2 == 5  # a push per scored point (2 tasks each)
     assert hf["evaluations"]["run"] == live["evaluations"]["run"]
+
+
+def test_load_vllm_passes_options_that_lm_evals_vllm_backend_takes(tiny, monkeypatch):
+    """The keyword arguments match lm-eval 0.4.13's VLLM.__init__ (read from its source: importing it needs
+    vllm); the two it does not name reach vllm.LLM through its **kwargs (model_args.update(kwargs))."""
+    import ast
+    import sys
+    import types
+
+    import lm_eval
+
+    from medmerge.evaluation.engines import WORKER_EXTENSION, load_vllm
+
+    source = Path(lm_eval.__file__).parent / "models" / "vllm_causallms.py"
+    tree = ast.parse(source.read_text())
+    init = next(f for c in ast.walk(tree) if isinstance(c, ast.ClassDef) and c.name == "VLLM"
+                for f in c.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
+    named = {a.arg for a in init.args.args} | {a.arg for a in init.args.kwonlyargs}
+    assert init.args.kwarg is not None and "self.model_args.update(kwargs)" in source.read_text()
+
+    built = {}
+    fake = types.ModuleType("lm_eval.models.vllm_causallms")
+    fake.VLLM = lambda **kw: built.update(kw) or SimpleNamespace(**kw)
+    monkeypatch.setitem(sys.modules, "lm_eval.models.vllm_causallms", fake)
+    load_vllm(tiny["llama"], dtype="bfloat16", seed=7, batch_size=8, live_updates=True,
+              options=VllmOptions(tensor_parallel=2, gpu_memory_utilization=0.8, max_model_len=4096))
+    assert built == {"pretrained": str(tiny["llama"]), "dtype": "bfloat16", "seed": 7, "trust_remote_code": False,
+                     "tensor_parallel_size": 2, "data_parallel_size": 1, "gpu_memory_utilization": 0.8,
+                     "batch_size": 8, "max_model_len": 4096, "worker_extension_cls": WORKER_EXTENSION}
+    assert set(built) - named == {"gpu_memory_utilization", "worker_extension_cls"}  # vllm.LLM's own names
+    module, cls = WORKER_EXTENSION.rsplit(".", 1)
+    assert getattr(__import__(module, fromlist=[cls]), cls) is WeightLoader  # the path vLLM's workers import
