@@ -137,7 +137,11 @@ def test_every_float_parameter_has_a_domain_and_describe_shows_it():
         for p in method.spec.params:
             if p.type in (float, int):
                 assert isinstance(p.domain, Domain), (name, p.name)
-    rows = {name: params for name, _, params in methods.describe()}
+    rows = {name: params for name, _, params, _ in methods.describe()}
+    memory = {name: m for name, _, _, m in methods.describe()}
+    assert len(rows) == 20 and all(memory.values())  # every method says what one tensor costs
+    assert memory["linear"].startswith("streamed by rows") and memory["karcher"].startswith("whole tensor")
+    assert "select_topk=1.0 in [0, 1]" in rows["sce"] and "t in [0, inf)" in rows["nearswap"]
     assert "density=1.0 in (0, 1]" in rows["ties"]
     assert "t in [0, 1] unless allow_extrapolation" in rows["slerp"]
     assert "epsilon=0.15 in [0, 0.5)" in rows["della"]

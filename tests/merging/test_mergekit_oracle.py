@@ -106,6 +106,29 @@ def _cfgs(f: dict) -> dict[str, dict]:
         "model_stock": {"merge_method": "model_stock", "base_model": base, "models": [_m(a), _m(b), _m(c)]},
         "model_stock-filter_wise": {"merge_method": "model_stock", "base_model": base,
                                     "parameters": {"filter_wise": True}, "models": [_m(a), _m(b), _m(c)]},
+        # issue 19's seven: hyperspherical means, consensus-weighted task vectors, selective swaps
+        "multislerp": {"merge_method": "multislerp",
+                       "models": [_m(a, weight=0.5), _m(b, weight=[0.2, 0.9]), _m(c, weight=MLP_FIRST)]},
+        "multislerp-base": {"merge_method": "multislerp", "base_model": base,
+                            "parameters": {"normalize_weights": False, "eps": 1e-6},
+                            "models": [_m(a, weight=0.6), _m(b, weight=0.3), _m(c, weight=[0.1, 0.4])]},
+        "karcher": {"merge_method": "karcher", "models": [_m(a), _m(b), _m(c)]},
+        "karcher-base-params": {"merge_method": "karcher", "base_model": base,
+                                "parameters": {"max_iter": [3, 20], "tol": 1e-7}, "models": [_m(a), _m(b)]},
+        "sce": {"merge_method": "sce", "base_model": base, "models": [_m(a), _m(b), _m(c)]},
+        "sce-topk": {"merge_method": "sce", "base_model": base,
+                     "parameters": {"select_topk": [{"filter": "mlp", "value": 0.3}, {"value": [0.5, 0.9]}]},
+                     "models": [_m(a), _m(b), _m(c)]},
+        "ram": {"merge_method": "ram", "base_model": base, "parameters": {"epsilon": 0.04},
+                "models": [_m(a), _m(b), _m(c)]},
+        "ram-default": {"merge_method": "ram", "base_model": base, "models": [_m(a), _m(b)]},
+        "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": base,
+                       "parameters": {"epsilon": 0.04, "r": 0.5, "alpha": [0.3, 0.8]},
+                       "models": [_m(a), _m(b), _m(c)]},
+        "ramplus_tl-default": {"merge_method": "ramplus_tl", "base_model": base, "models": [_m(a), _m(b), _m(c)]},
+        "nearswap": {"merge_method": "nearswap", "base_model": base, "parameters": {"t": [0.01, 0.05]},
+                     "models": [_m(base), _m(a)]},
+        "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": base, "models": [_m(base), _m(a)]},
         "passthrough": {"merge_method": "passthrough", "models": [_m(a)]},
         "passthrough-scale": {"merge_method": "passthrough",
                               "models": [_m(a, scale=[{"filter": "norm", "value": 0.0}, {"value": [2.0, -0.5]}])]},
@@ -114,7 +137,8 @@ def _cfgs(f: dict) -> dict[str, dict]:
 
 CASES = list(_cfgs({k: k for k in ("a", "b", "c", "base")}))
 MERGEKIT_METHODS = {"linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-                    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough"}
+                    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough",
+                    "multislerp", "karcher", "sce", "ram", "ramplus_tl", "nearswap", "arcee_fusion"}
 
 
 def _load(folder: Path) -> dict[str, torch.Tensor]:
@@ -238,3 +262,25 @@ def test_random_methods_agree_with_mergekit_in_distribution(method, llama_refs, 
             assert abs((delta != 0).double().mean().item() - 0.4) < 0.05, name
             assert math.isclose(delta.abs().sum().item(), dense.abs().sum().item(), rel_tol=1e-4), name
         assert not torch.equal(mk[name], mm[name])  # different masks, as expected
+
+
+@pytest.mark.parametrize("case", ["ram", "nearswap"])
+def test_elementwise_new_methods_stream_row_chunks_bit_for_bit(case, llama_refs, tmp_path, monkeypatch):
+    """ram and nearswap declare themselves elementwise: the executor then merges row chunks; with chunks of
+    64 elements (many per tensor) the output is the whole-tensor output, bit for bit, and mergekit's."""
+    from medmerge.merging import compute, execute
+
+    cfg = _with_dtype(_cfgs(llama_refs)[case])
+    whole = _run_medmerge(cfg, tmp_path / "whole")
+    sizes = []
+
+    def small(tp, max_elements):
+        chunks = compute.row_chunks(tp, 64)
+        sizes.append(len(chunks))
+        return chunks
+
+    monkeypatch.setattr(execute, "row_chunks", small)
+    streamed = _run_medmerge(cfg, tmp_path / "streamed")
+    assert max(sizes) > 4  # really chunked
+    assert all(torch.equal(whole[k], streamed[k]) for k in whole)
+    _compare(_run_mergekit(cfg, tmp_path / "mergekit"), streamed, exact=False)

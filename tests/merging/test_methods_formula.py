@@ -624,3 +624,124 @@ def test_filters_pick_the_first_match():
     out = medmerge.merge_state_dicts(cfg, sds)
     close(out["model.layers.0.mlp.up_proj.weight"], 2.0 * sds["a"]["model.layers.0.mlp.up_proj.weight"], atol=1e-6)
     close(out["model.norm.weight"], 0.5 * sds["a"]["model.norm.weight"], atol=1e-6)
+
+
+# ---------------------------------------------------------------- issue 19's seven (hand computations)
+
+def test_multislerp_of_two_is_the_slerp_midpoint_and_one_model_is_itself():
+    a, b = T(3.0, 0.0, 0.0), T(0.0, 1.0, 0.0)  # orthogonal, norms 3 and 1
+    out = run("multislerp", [a, b], [{"weight": 1.0}, {"weight": 1.0}])
+    # equal weights: the mean direction (a/|a| + b/|b|)/sqrt 2, tangent parts cancel; norm = mean norm 2
+    close(out, T(2 / math.sqrt(2), 2 / math.sqrt(2), 0.0), atol=1e-7)
+    unit = slerp_closed_form(0.5, a / 3, b)
+    close(out, unit * 2, atol=1e-7)
+    close(run("multislerp", [a], [{"weight": 0.3}]), a)
+
+
+def test_multislerp_with_base_interpolates_task_vectors_and_weights_unnormalized():
+    base, a, b = T(1.0, 1.0), T(3.0, 1.0), T(1.0, 2.0)  # task vectors (2, 0) and (0, 1)
+    out = run("multislerp", [base, a, b], [{}, {"weight": 1.0}, {"weight": 3.0}], base=0)
+    # weights 1/4, 3/4: m = (1/4, 3/4)/|.|; tangent sum; exp map; scale 1/4*2 + 3/4*1 = 1.25
+    w = [0.25, 0.75]
+    m = torch.tensor([0.25, 0.75], dtype=F64)
+    m = m / m.norm()
+    units = [T(1.0, 0.0), T(0.0, 1.0)]
+    tangent = sum(wi * (u - (u @ m) * m) for wi, u in zip(w, units))
+    tn = tangent.norm() + 1e-8
+    expected = (m * torch.cos(tn) + tangent * torch.sin(tn) / tn) * 1.25 + base
+    close(out, expected, atol=1e-7)  # the kernel divides by |v| + eps
+    raw = run("multislerp", [base, a, b], [{}, {"weight": 1.0}, {"weight": 3.0}], base=0, normalize_weights=False)
+    assert not torch.allclose(raw, out)  # weights 1 and 3 as given: a longer tangent, a larger scale
+
+
+def test_multislerp_antipodal_inputs_fall_back_or_fail_clearly():
+    a, b, c = T(1.0, 0.0), T(-1.0, 0.0), T(0.0, 0.0)
+    close(run("multislerp", [a, b], [{"weight": 1.0}, {"weight": 1.0}]), T(0.0, 0.0))  # two: linear
+    with pytest.raises(ValueError, match="weighted mean of the unit directions"):
+        run("multislerp", [a, b, c], [{"weight": 1.0}, {"weight": 1.0}, {"weight": 1.0}])
+
+
+def test_karcher_mean_of_two_is_the_geodesic_midpoint_scaled_by_the_mean_norm():
+    a, b = T(2.0, 0.0), T(0.0, 4.0)
+    out = run("karcher", [a, b], [{}, {}], max_iter=50, tol=1e-12)
+    close(out, T(math.sqrt(0.5), math.sqrt(0.5)) * 3.0, atol=1e-9)
+    # three directions at 0, 60 and 120 degrees, equal norms: the Karcher mean is the middle one
+    dirs = [T(math.cos(t), math.sin(t)) for t in (0.0, math.pi / 3, 2 * math.pi / 3)]
+    close(run("karcher", dirs, [{}, {}, {}], max_iter=100, tol=1e-12), dirs[1], atol=1e-9)
+    # on a 2-sphere one Riemannian step (max_iter 1) is not yet there: the iteration is really run
+    pts = [T(1.0, 0.0, 0.0), T(0.0, 1.0, 0.0), T(0.0, 0.6, 0.8)]
+    one, many = (run("karcher", pts, [{}, {}, {}], max_iter=n, tol=1e-12) for n in (1, 100))
+    assert not torch.allclose(one, many, atol=1e-6)
+    # the fixed point: the weighted log-map sum at the mean vanishes
+    m = many / many.norm()
+    logs = sum(math.acos(float(u @ m)) / math.sin(math.acos(float(u @ m))) * (u - (u @ m) * m) for u in pts)
+    assert float(logs.norm()) < 1e-9
+
+
+def test_sce_weights_by_mean_square_after_sign_consensus():
+    base = T(0.0, 0.0, 0.0, 0.0)
+    a, b = T(2.0, -1.0, 0.0, 1.0), T(1.0, 3.0, -2.0, -3.0)
+    # c_a = mean(tau_a^2) = 6/4, c_b = 23/4; normalized 6/29, 23/29. Elected signs of the sums (3, 2, -2, -2):
+    # +, +, -, -. Agreement: a at 0 (and 3? a=+1 vs - no); b at 0, 1, 2, 3.
+    ca, cb = 6 / 29, 23 / 29
+    expected = T((ca * 2 + cb * 1) / (ca + cb), 3.0, -2.0, -3.0)
+    close(run("sce", [base, a, b], [{}, {}, {}], base=0), expected, atol=1e-12)
+    # select_topk 0.5: only the 2 entries whose values vary most across the models (index 1: var 4, index 3: 4)
+    # stay; entries 0 and 2 (var 0.25, 1) are zeroed before the consensus
+    out = run("sce", [base, a, b], [{}, {}, {}], base=0, select_topk=0.5)
+    close(out[[0, 2]], T(0.0, 0.0))
+    assert out[1] == 3.0 and out[3] == -3.0
+
+
+def test_ram_averages_only_where_several_models_changed_the_entry():
+    base = T(0.0, 0.0, 0.0, 0.0)
+    a, b, c = T(0.5, 0.0, 0.3, 1e-7), T(0.0, 0.2, 0.5, 0.0), T(0.0, 0.0, -0.2, 0.0)
+    # entry 0: a alone -> 0.5; 1: b alone -> 0.2; 2: three -> mean 0.2; 3: below epsilon -> 0
+    close(run("ram", [base, a, b, c], [{}, {}, {}, {}], base=0), T(0.5, 0.2, 0.2, 0.0), atol=1e-12)
+    # ramplus_tl: model a has 1 unique and 1 shared entry (rho 1), b 1 and 1 (rho 1), c 0 unique
+    # lambda = 1 + r min(rho, alpha): unique entries scaled, shared ones averaged as RAM
+    out = run("ramplus_tl", [base, a, b, c], [{}, {}, {}, {}], base=0, r=0.5, alpha=0.4)
+    close(out, T(0.5 * 1.2, 0.2 * 1.2, 0.2, 0.0), atol=1e-7)  # rho is a float32 ratio of counts (as mergekit)
+
+
+def test_nearswap_takes_the_other_value_where_it_is_close():
+    base, other = T(0.0, 0.0, 0.0), T(0.01, 0.1, -1.0)
+    # w = clamp(t / |diff|, 0, 1) with t = 0.05: 1, 0.5, 0.05
+    close(run("nearswap", [base, other], [{}, {}], base=0, t=0.05), T(0.01, 0.05, -0.05), atol=1e-12)
+    close(run("nearswap", [base, other], [{}, {}], base=0, t=0.0), base)
+
+
+def test_arcee_fusion_keeps_the_changes_above_the_outlier_threshold():
+    torch.manual_seed(0)
+    base = torch.randn(8, 16, dtype=F64) * 0.1
+    other = base.clone()
+    other[2, 3] += 2.0  # one large change in a row whose distribution it also moves
+    other += torch.randn(8, 16, dtype=F64) * 1e-3
+    out = run("arcee_fusion", [base, other], [{}, {}], base=0)
+    p, q = torch.softmax(other, -1) + 1e-8, torch.softmax(base, -1) + 1e-8
+    importance = (other - base).abs() * (p * (p / q).log()).sum(-1, keepdim=True)
+    s = importance.reshape(-1).sort().values
+    q1, med, q3 = (s[int(f * (s.numel() - 1))] for f in (0.25, 0.5, 0.75))
+    keep = importance >= med + 1.5 * (q3 - q1)
+    close(out, torch.where(keep, other, base))
+    assert keep[2, 3] and 0 < keep.sum() < keep.numel()
+
+
+def test_arcee_fusion_samples_quartiles_of_large_tensors_from_the_tensor_seed():
+    from medmerge.merging.methods import selective
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(1100, 1000, generator=g)
+    other = base + torch.randn(1100, 1000, generator=g) * 0.01
+    first = run("arcee_fusion", [base, other], [{}, {}], base=0, seed=5, tensor_name="w")
+    assert torch.equal(first, run("arcee_fusion", [base, other], [{}, {}], base=0, seed=5, tensor_name="w"))
+    assert base.numel() > selective.QUANTILE_SAMPLE
+    kept = (first != base).double().mean().item()
+    assert 0.0 < kept < 0.2  # outliers only, whatever the sample
+    other_seed = run("arcee_fusion", [base, other], [{}, {}], base=0, seed=6, tensor_name="w")
+    assert abs((other_seed != base).double().mean().item() - kept) < 0.01  # another sample, about the same share
+
+
+def test_the_registry_has_twenty_methods():
+    assert len(methods.REGISTRY) == 20
+    assert {"multislerp", "karcher", "sce", "ram", "ramplus_tl", "nearswap", "arcee_fusion"} <= set(methods.REGISTRY)

@@ -100,5 +100,7 @@ def verify_cmd(
 @command(app, "methods")
 def methods_cmd() -> None:
     """List merge methods, their parameters and defaults."""
-    for name, base, params in methods.describe():
-        stdout.print(f"[bold]{name}[/] base={base}: {params}")
+    rows = methods.describe()
+    for name, base, params, memory in rows:
+        stdout.print(f"[bold]{name}[/] base={base}: {params}; memory: {memory}", highlight=False)
+    stdout.print(f"{len(rows)} methods; their formulas and references: docs/methods.md")

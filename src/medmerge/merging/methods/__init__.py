@@ -1,6 +1,6 @@
 """The registry of merge methods. Adding a method: one module, one line below."""
 
-from . import linear, model_stock, nuslerp, passthrough, slerp, task_arithmetic
+from . import consensus, linear, model_stock, nuslerp, passthrough, selective, slerp, spherical, task_arithmetic
 from .base import MergeMethod, MethodSpec, Param, TensorInputs
 
 REGISTRY: dict[str, MergeMethod] = {}
@@ -21,8 +21,9 @@ def get(name: str) -> MergeMethod:
         ) from None
 
 
-def describe() -> list[tuple[str, str, str]]:
-    """(name, base requirement, "param=default domain (scope), ...") of every method, by name (`medmerge methods`).
+def describe() -> list[tuple[str, str, str, str]]:
+    """(name, base requirement, "param=default domain (scope), ...", memory) of every method, by name
+    (`medmerge methods`).
 
     The domain is what the plan accepts: `in (0, 1]`, `finite`, `in [0, 1] unless allow_extrapolation`,
     `one of l1|inverse_density`.
@@ -32,7 +33,7 @@ def describe() -> list[tuple[str, str, str]]:
         spec = REGISTRY[name].spec
         params = ", ".join(f"{p.name}{'' if p.required else '=' + str(p.default)}{p.domain_text()} ({p.scope})"
                            for p in spec.params)
-        rows.append((name, spec.base, params))
+        rows.append((name, spec.base, params, spec.memory))
     return rows
 
 
@@ -49,7 +50,7 @@ def markdown() -> str:
         line = f"Base model: {_BASES[spec.base]}. Inputs: {inputs} inputs"
         if spec.min_non_base or spec.max_non_base is not None:
             line += f"; {spec.min_non_base}-{spec.max_non_base if spec.max_non_base is not None else ''} besides the base"
-        line += "." + (f" Reference: {spec.reference}" if spec.reference else "")
+        line += "." + (f" Reference: {spec.reference}" if spec.reference else "") + f" Memory: {spec.memory}."
         out += [f"### `{name}`", "", line, ""]
         if spec.formula:
             out += [f"    {spec.formula}", ""]
@@ -70,6 +71,9 @@ register(nuslerp.METHOD)
 register(model_stock.METHOD)
 register(passthrough.METHOD)
 for _method in task_arithmetic.METHODS:
+    register(_method)
+for _method in (spherical.MULTISLERP, spherical.KARCHER, consensus.SCE, consensus.RAM, consensus.RAMPLUS_TL,
+                selective.NEARSWAP, selective.ARCEE_FUSION):
     register(_method)
 
 __all__ = ["REGISTRY", "MergeMethod", "MethodSpec", "Param", "TensorInputs", "describe", "get", "markdown", "register"]

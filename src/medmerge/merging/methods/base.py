@@ -155,6 +155,8 @@ class MethodSpec:
     elementwise: Callable[[dict, list], bool] = field(default=lambda g, m: False)
     formula: str = ""
     reference: str = ""
+    # what one output tensor costs in memory beyond reading its inputs (`medmerge methods`, docs/methods.md)
+    memory: str = "whole tensor"
     # Constraints between parameters, given the resolved global parameters and (model, parameters)
     # of every input: why they do not fit together, or None. Checked for every tensor at plan time.
     check: Callable[[dict, list], str | None] = field(default=lambda g, m: None)

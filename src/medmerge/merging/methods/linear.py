@@ -61,6 +61,7 @@ METHOD = MergeMethod(
         check=_weights_check,
         formula="W = sum_i w_i W_i / (sum_i w_i if normalize else 1)",
         reference="https://arxiv.org/abs/2203.05482",
+        memory="streamed by rows (each output row needs only the inputs' same row)",
     ),
     linear,
 )

@@ -41,6 +41,7 @@ METHOD = MergeMethod(
             "(0 where the denominator is ~0); W = t mean_i(W_i) + (1-t) B"
         ),
         reference="https://arxiv.org/abs/2403.19522",
+        memory="whole tensor: the N inputs plus their N offsets from the base and about three more copies",
     ),
     model_stock,
 )

@@ -78,6 +78,7 @@ METHOD = MergeMethod(
             "(default), rows (last dim) or columns (nuslerp_row_wise)"
         ),
         reference="https://github.com/arcee-ai/mergekit",
+        memory="whole tensor: the two inputs (and the base) plus about two float32 copies",
         check=check,
     ),
     nuslerp,

@@ -19,6 +19,7 @@ METHOD = MergeMethod(
         max_inputs=1,
         elementwise=lambda g, m: True,
         formula="W = scale * W_1 (W_1 when scale is unset)",
+        memory="streamed by rows (each output row needs only the inputs' same row)",
     ),
     passthrough,
 )

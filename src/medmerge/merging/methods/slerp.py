@@ -55,6 +55,8 @@ METHOD = MergeMethod(
             "lerp (1-t) v0 + t v1 when |cos theta| > 0.9995"
         ),
         reference="https://en.wikipedia.org/wiki/Slerp",
+        memory=("whole tensor: the two inputs; norms and the dot product are summed chunk by chunk, no full-size "
+                "temporary"),
     ),
     slerp,
 )

@@ -170,6 +170,8 @@ def _family_member(
             formula=formula,
             reference=reference,
             check=_della_check if sparsification == "della_magprune" else (lambda g, m: None),
+            memory=("streamed by rows when nothing is dropped (every density 1); otherwise whole tensor: the N "
+                    "task vectors, their masks, and sums built chunk by chunk"),
         ),
         partial(generalized_task_arithmetic, sparsification=sparsification, consensus=consensus),
     )
