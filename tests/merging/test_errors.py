@@ -112,8 +112,12 @@ def test_missing_required_parameter(llama_family, tmp_path):
 
 def test_unsupported_key_is_named(llama_family, tmp_path):
     cfg = linear_cfg(llama_family["a"], llama_family["b"])
-    cfg["slices"] = []
-    with pytest.raises(ConfigError, match=r"key `slices`"):
+    cfg["modules"] = {}
+    with pytest.raises(ConfigError, match=r"key `modules`"):
+        medmerge.merge(cfg, tmp_path / "out", progress=False)
+    cfg.pop("modules")
+    cfg["slices"] = []  # both forms at once
+    with pytest.raises(ConfigError, match=r"give either `models:` or `slices:`, not both"):
         medmerge.merge(cfg, tmp_path / "out", progress=False)
     cfg = linear_cfg(llama_family["a"], llama_family["b"], mystery=1)
     with pytest.raises(ConfigError, match=r"`mystery`: unknown key"):

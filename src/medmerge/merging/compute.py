@@ -36,7 +36,8 @@ def load_inputs(
     kernels and frees each raw buffer as soon as it is converted.
     """
     tensors, fresh = [], []
-    for model, ref, source in zip(plan.models, plan.model_refs, tp.sources):
+    for i, source in zip(plan.inputs_of(tp), tp.sources):
+        model, ref = plan.models[i], plan.model_refs[i]
         raw = model.read(source, rows)
         t = raw
         if tp.mergeable:
@@ -73,7 +74,7 @@ def merge_loaded(
     work = [t.to(device=device) for t in tensors]
     owned = owned or all(w.data_ptr() != t.data_ptr() for w, t in zip(work, tensors))
     tensors.clear()
-    inputs = TensorInputs(work, plan.base, tp.model_params, name=tp.name, seed=plan.seed, owned=owned)
+    inputs = TensorInputs(work, plan.base_of(tp), tp.model_params, name=tp.name, seed=plan.seed, owned=owned)
     del work
     try:
         result = plan.method(inputs, tp.global_params)
@@ -91,13 +92,15 @@ def merge_loaded(
 
 def _identical(plan: MergePlan, tp: TensorPlan, tensors: list[torch.Tensor]) -> torch.Tensor:
     """A non-float tensor (integer, boolean, quantized) is copied only when every input holds it bit for bit."""
-    ref = tensors[plan.reference]
+    which = plan.inputs_of(tp)
+    first = which.index(plan.reference) if plan.reference in which else 0
+    ref = tensors[first]
     for i, t in enumerate(tensors):
-        if i != plan.reference and not torch.equal(t, ref):
-            files = [plan.models[k].records[tp.sources[k]].file for k in (plan.reference, i)]
+        if i != first and not torch.equal(t, ref):
+            files = [plan.models[which[k]].records[tp.sources[k]].file for k in (first, i)]
             raise InputError(
                 f"tensor {tp.name!r} is {str(ref.dtype).replace('torch.', '')} (not floating point) and differs "
-                f"between {plan.model_refs[plan.reference]} ({files[0]}) and {plan.model_refs[i]} ({files[1]}): "
+                f"between {plan.model_refs[which[first]]} ({files[0]}) and {plan.model_refs[which[i]]} ({files[1]}): "
                 "medmerge cannot merge integer, boolean or quantized tensors, and copies one only when every input "
                 "holds the identical tensor; dequantize the models first (e.g. load and re-save them in bfloat16)"
             )

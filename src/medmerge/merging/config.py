@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
 from ..settings import load_yaml
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 UNSUPPORTED_KEYS = {
-    "slices": "layer-range slicing (`slices`) is not supported; use the `models:` form",
     "modules": "per-module configs (`modules`) are not supported; use the `models:` form",
     "tokenizer": "the `tokenizer:` block is not supported; use `tokenizer_source: base | union | <model>`",
     "chat_template": "`chat_template` is not supported; the tokenizer (and its template) comes from `tokenizer_source`",
@@ -41,10 +40,55 @@ class ModelEntry(BaseModel):
         return v
 
 
+class SliceSource(BaseModel):
+    """One input of a slice: layers [start, end) of a model, with its own parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Optional[dict[str, Any]] = None
+
+    _model_ref = field_validator("model", mode="before")(ModelEntry._model_ref.__func__)
+
+    @field_validator("layer_range", mode="before")
+    @classmethod
+    def _range(cls, v):
+        if not isinstance(v, (list, tuple)) or len(v) != 2 or any(isinstance(x, bool) or not isinstance(x, int)
+                                                                   for x in v):
+            raise ValueError(f"{v!r} is not [start, end] (two whole numbers: layers start to end - 1)")
+        if not 0 <= v[0] < v[1]:
+            raise ValueError(f"{list(v)} is not a layer range: it needs 0 <= start < end (end is excluded)")
+        return tuple(v)
+
+
+class SliceEntry(BaseModel):
+    """An output slice: its layers merged from the sources' layer ranges (mergekit's `slices:` form)."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource]
+    base_model: Optional[str] = None
+    residual_weight: Optional[float] = None  # mergekit 0.1.5 declares it and never uses it: accepted, said
+    parameters: Optional[dict[str, Any]] = None
+
+    _base_ref = field_validator("base_model", mode="before")(ModelEntry._model_ref.__func__)
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, v):
+        if not v:
+            raise ValueError("a slice needs at least one source (model and layer_range)")
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in v}
+        if len(lengths) > 1:
+            shown = ", ".join(f"{s.model} {list(s.layer_range)}" for s in v)
+            raise ValueError(f"the sources of a slice must span the same number of layers ({shown})")
+        return v
+
+
 class MergeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     merge_method: str
-    models: list[ModelEntry]
+    models: list[ModelEntry] = []
+    slices: Optional[list[SliceEntry]] = None
     base_model: Optional[str] = None
     parameters: Optional[dict[str, Any]] = None
     dtype: Optional[str] = None
@@ -70,6 +114,16 @@ class MergeConfig(BaseModel):
     @classmethod
     def _base_ref(cls, v):
         return ModelEntry._model_ref(v)
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        if self.slices is not None and self.models:
+            raise ValueError("give either `models:` or `slices:`, not both")
+        if self.slices is None and not self.models:
+            raise ValueError("`models:` (or `slices:`) is missing or empty: list the models to merge")
+        if self.slices is not None and not self.slices:
+            raise ValueError("`slices:` is empty: list at least one slice")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False)

@@ -94,8 +94,8 @@ def plan_units(plan: MergePlan, chunk_elements: int = CHUNK_ELEMENTS):
 
 def _unit_input_bytes(plan: MergePlan, tp, rows) -> int:
     total = 0
-    for model, source in zip(plan.models, tp.sources):
-        rec = model.records[source]
+    for i, source in zip(plan.inputs_of(tp), tp.sources):
+        rec = plan.models[i].records[source]
         n = math.prod(rec.shape)
         if rows is not None:
             n = n // rec.shape[0] * (rows[1] - rows[0])

@@ -20,6 +20,7 @@ from . import methods
 from .config import MergeConfig, evaluate_setting
 from ..errors import ConfigError, InputError
 from ..io.checkpoint import DTYPE_NAMES, Checkpoint, TensorRecord, resolve_model_path
+from ..runtime import note
 from .methods.base import GLOBAL, PER_NON_BASE, check_counts
 from .vocab import VocabAlignment, build_alignment
 
@@ -62,6 +63,10 @@ class TensorPlan:
     model_params: list[dict]
     mergeable: bool = True  # False: non-float tensor, copied when every input holds it bit for bit
     vocab: bool = False  # rows are aligned through the plan's VocabAlignment
+    # `slices:` plans: the plan's models this tensor reads (sources align with them) and the base among them;
+    # None: every model, with the plan's base
+    inputs: Optional[list[int]] = None
+    base: Optional[int] = None
 
     @property
     def nbytes(self) -> int:
@@ -82,9 +87,19 @@ class MergePlan:
     load_dtype: Optional[torch.dtype]
     vocab: Optional[VocabAlignment] = None
     ignored_tensors: list[str] = field(default_factory=list)
+    # `slices:` plans: each output layer's (model index, source layer), so the output config can be rewritten
+    layer_sources: Optional[list[tuple[int, int]]] = None
 
     def elementwise(self, tp: TensorPlan) -> bool:
         return tp.mergeable and not tp.vocab and self.method.spec.elementwise(tp.global_params, tp.model_params)
+
+    def inputs_of(self, tp: TensorPlan) -> list[int]:
+        """Indices into `models` of the inputs of `tp`, in the order of its sources."""
+        return list(range(len(self.models))) if tp.inputs is None else tp.inputs
+
+    def base_of(self, tp: TensorPlan) -> Optional[int]:
+        """The position of the method's base among `tp`'s inputs (None: no base)."""
+        return self.base if tp.inputs is None else tp.base
 
 
 def dtype_text(dtype: torch.dtype) -> str:
@@ -106,22 +121,38 @@ def _coerce(param, where, relaxed: bool = False):
     return coerce
 
 
+def model_entries(config: MergeConfig) -> list[tuple[str, Optional[dict]]]:
+    """(reference, its parameters) of each input of a `models:` config, the appended base last."""
+    refs, _ = input_refs(config)
+    return [(m.model, m.parameters) for m in config.models] + [(r, None) for r in refs[len(config.models):]]
+
+
 def resolve_params(method, config: MergeConfig, name: str, t: float, inputs: list[int], base: Optional[int], *,
-                   label: str | None = None, lenient: bool = False):
+                   label: str | None = None, lenient: bool = False,
+                   entries: Optional[list[tuple[str, Optional[dict]]]] = None, scopes: Optional[list[dict]] = None):
     """(global params, per-input params) for one tensor, highest precedence first; each value checked
     against its parameter's domain, and the method's constraints between parameters checked.
 
     `label` names the tensor in messages; `lenient`: None instead of an error when a required
     parameter has no value (the config-only check, where filtered values match no tensor name).
+    `entries` are the inputs' (reference, parameters) (default: the config's models, then its base);
+    `scopes` the shared parameter dicts, highest precedence first (default: the top-level `parameters`;
+    a slice's: its own `parameters`, then the top level's).
     """
     spec = method.spec
-    top = config.parameters or {}
+    scopes = [config.parameters or {}] if scopes is None else [sc or {} for sc in scopes]
+    entries = model_entries(config) if entries is None else entries
     label = label or f"tensor {name}"
     global_params = {}
     # parameters whose domain another one lifts (`unless`) come after it
     for p in sorted((p for p in spec.params if p.scope == GLOBAL), key=lambda p: p.unless is not None):
         relaxed = bool(p.unless and global_params.get(p.unless))
-        value = evaluate_setting(name, top[p.name], t, _coerce(p, label, relaxed)) if p.name in top else None
+        value = None
+        for scope in scopes:
+            if p.name in scope:
+                value = evaluate_setting(name, scope[p.name], t, _coerce(p, label, relaxed))
+                if value is not None:
+                    break
         if value is None:
             if p.required:
                 if lenient:
@@ -132,8 +163,7 @@ def resolve_params(method, config: MergeConfig, name: str, t: float, inputs: lis
     global_params = {p.name: global_params[p.name] for p in spec.params if p.scope == GLOBAL}  # declared order
     per_model = []
     for i in inputs:
-        entry = config.models[i].parameters if i < len(config.models) else None
-        ref = config.models[i].model if i < len(config.models) else config.base_model
+        ref, entry = entries[i]
         resolved = {}
         for p in spec.params:
             if p.scope == GLOBAL or (p.scope == PER_NON_BASE and i == base):
@@ -141,7 +171,7 @@ def resolve_params(method, config: MergeConfig, name: str, t: float, inputs: lis
             value = None
             where = f"model {ref}, {label}"
             relaxed = bool(p.unless and global_params.get(p.unless))
-            for scope in (entry or {}, top):
+            for scope in (entry or {}, *scopes):
                 if p.name in scope:
                     value = evaluate_setting(name, scope[p.name], t, _coerce(p, where, relaxed))
                     if value is not None:
@@ -157,18 +187,27 @@ def resolve_params(method, config: MergeConfig, name: str, t: float, inputs: lis
                 value = p.default
             resolved[p.name] = value
         per_model.append(resolved)
-    refs = [config.models[i].model if i < len(config.models) else config.base_model for i in inputs]
+    refs = [entries[i][0] for i in inputs]
     problem = spec.check(global_params, list(zip(refs, per_model)))
     if problem:
         raise ConfigError(f"{problem} ({label})")
     return global_params, per_model
 
 
+def _model_scopes(config: MergeConfig):
+    """(config key, model, parameters) of every per-model parameter dict: each model's, or each slice source's."""
+    for i, m in enumerate(config.models):
+        yield f"models[{i}] ({m.model}).parameters", m.model, m.parameters or {}
+    for k, sl in enumerate(config.slices or []):
+        for j, src in enumerate(sl.sources):
+            yield f"slices[{k}].sources[{j}] ({src.model}).parameters", src.model, src.parameters or {}
+
+
 def _check_parameter_names(method, config: MergeConfig) -> None:
     known = {p.name for p in method.spec.params}
     scopes = [("parameters", config.parameters or {})] + [
-        (f"models[{i}] ({m.model}).parameters", m.parameters or {}) for i, m in enumerate(config.models)
-    ]
+        (f"slices[{k}].parameters", sl.parameters or {}) for k, sl in enumerate(config.slices or [])
+    ] + [(where, scope) for where, _, scope in _model_scopes(config)]
     for where, scope in scopes:
         for key in scope:
             if key not in known:
@@ -176,22 +215,27 @@ def _check_parameter_names(method, config: MergeConfig) -> None:
                     f"`{where}`: unknown parameter `{key}` for method {method.spec.name!r}; "
                     f"it takes: {', '.join(sorted(known))}"
                 )
-    for i, m in enumerate(config.models):
-        for key in m.parameters or {}:
+    for where, _, scope in _model_scopes(config):
+        for key in scope:
             if method.spec.param(key).scope == GLOBAL:
                 raise ConfigError(
-                    f"`models[{i}] ({m.model}).parameters`: `{key}` is a global parameter of "
+                    f"`{where}`: `{key}` is a global parameter of "
                     f"{method.spec.name!r}; set it under the top-level `parameters:`"
+                    + (" (or the slice's)" if where.startswith("slices") else "")
                 )
 
 
 def _settings(config: MergeConfig):
-    """(config key, whose, parameter, setting) of every parameter setting: the top level's, then each model's."""
+    """(config key, whose, parameter, setting) of every parameter setting: the top level's, each slice's, then
+    each model's (or slice source's)."""
     for key, setting in (config.parameters or {}).items():
         yield "parameters", "`parameters`", key, setting
-    for i, m in enumerate(config.models):
-        for key, setting in (m.parameters or {}).items():
-            yield f"models[{i}] ({m.model}).parameters", f"model {m.model}", key, setting
+    for k, sl in enumerate(config.slices or []):
+        for key, setting in (sl.parameters or {}).items():
+            yield f"slices[{k}].parameters", f"slice {k}", key, setting
+    for where, model, scope in _model_scopes(config):
+        for key, setting in scope.items():
+            yield where, f"model {model}", key, setting
 
 
 def _setting_values(setting):
@@ -239,6 +283,16 @@ def check_config(config: MergeConfig) -> methods.MergeMethod:
     _check_parameter_names(method, config)
     _check_parameter_values(method, config)
     refs, base = input_refs(config)
+    if config.slices is not None:
+        for k, sl in enumerate(config.slices):
+            entries, slice_base, scopes = slice_inputs(config, k, method)
+            problem = check_counts(method.spec, len(entries), slice_base is not None)
+            if problem:
+                raise ConfigError(f"slices[{k}]: {problem}")
+            for t, where in ((0.0, "its first layer"), (1.0, "its last layer")):
+                resolve_params(method, config, "", t, list(range(len(entries))), slice_base, lenient=True,
+                               label=f"slices[{k}], the values of {where}", entries=entries, scopes=scopes)
+        return method
     has_base = base is not None and method.spec.base != "ignored"
     if check_counts(method.spec, len(refs), has_base) is None:
         # the constraints between parameters, for the values of tensors no filter matches, at both
@@ -280,6 +334,14 @@ def input_refs(config: MergeConfig) -> tuple[list[str], Optional[int]]:
     The base is one of the listed models when it names the same folder, however it is spelled
     (`base/` and `base`).
     """
+    if config.slices is not None:  # every model the slices read, in order of first appearance
+        refs: list[str] = []
+        for sl in config.slices:
+            for src in sl.sources:
+                if ref_index(refs, src.model) is None:
+                    refs.append(src.model)
+        # a base_model no slice reads is not opened (slice_inputs refuses it where the method needs a base)
+        return refs, ref_index(refs, config.base_model) if config.base_model is not None else None
     refs = [m.model for m in config.models]
     base = None
     if config.base_model is not None:
@@ -288,6 +350,24 @@ def input_refs(config: MergeConfig) -> tuple[list[str], Optional[int]]:
             refs.append(config.base_model)
             base = len(refs) - 1
     return refs, base
+
+
+def slice_inputs(config: MergeConfig, k: int, method) -> tuple[list[tuple[str, Optional[dict]]], Optional[int],
+                                                                  list[dict]]:
+    """Slice k's inputs as (reference, parameters), the method's base among them (None: no base), and its
+    shared parameter scopes (the slice's, then the top level's). The slice's `base_model` overrides the
+    config's; when the method uses a base, it must be one of the slice's sources."""
+    sl = config.slices[k]
+    entries = [(src.model, src.parameters) for src in sl.sources]
+    base_ref = sl.base_model or config.base_model
+    base = None
+    if base_ref is not None and method.spec.base != "ignored":
+        base = ref_index([e[0] for e in entries], base_ref)
+        if base is None:
+            raise ConfigError(f"slices[{k}]: the base model {base_ref!r} is not one of this slice's sources; add "
+                              "its layer range to the slice's `sources` (method "
+                              f"{method.spec.name!r} merges relative to the base)")
+    return entries, base, [sl.parameters or {}, config.parameters or {}]
 
 
 def _check_distinct(refs: list[str], models: list[ModelSource], listed: int) -> None:
@@ -322,6 +402,8 @@ def build_plan(
     refs, base = input_refs(config)
     if len(models) != len(refs):
         raise ConfigError(f"expected {len(refs)} input models, got {len(models)}")
+    if config.slices is not None:
+        return _build_slice_plan(config, method, models, refs, base)
     has_base = base is not None and method.spec.base != "ignored"
     problem = check_counts(method.spec, len(refs), has_base)
     if problem:
@@ -488,7 +570,8 @@ def _vocab_alignment(config: MergeConfig, models: list[ModelSource], refs: list[
 
 def _tensor_plan(name: str, method, config: MergeConfig, models: list[ModelSource], refs: list[str], reference: int,
                  method_base: Optional[int], sources: list[dict[str, str]], alignment: Optional[VocabAlignment],
-                 n_layers: int, out_dtype_cfg: Optional[torch.dtype]) -> TensorPlan:
+                 n_layers: int, out_dtype_cfg: Optional[torch.dtype], *, t: Optional[float] = None,
+                 entries=None, scopes=None, label: Optional[str] = None) -> TensorPlan:
     """One output tensor: shapes checked across inputs, parameters resolved at its layer, its output dtype."""
     recs = [m.records[sources[i][name]] for i, m in enumerate(models)]
     shape = recs[reference].shape
@@ -518,8 +601,9 @@ def _tensor_plan(name: str, method, config: MergeConfig, models: list[ModelSourc
                     "tensors only (an integer, boolean or quantized tensor is copied when every input holds the "
                     "identical one); dequantize the models first (e.g. load and re-save them in bfloat16)"
                 )
-    t = arch.layer_t(name, n_layers)
-    global_params, model_params = resolve_params(method, config, name, t, list(range(len(refs))), method_base)
+    t = arch.layer_t(name, n_layers) if t is None else t
+    global_params, model_params = resolve_params(method, config, name, t, list(range(len(refs))), method_base,
+                                                 entries=entries, scopes=scopes, label=label)
     if floating:
         promoted = recs[0].torch_dtype
         for r in recs[1:]:
@@ -536,4 +620,131 @@ def _tensor_plan(name: str, method, config: MergeConfig, models: list[ModelSourc
         model_params=model_params,
         mergeable=floating,
         vocab=is_vocab,
+    )
+
+
+# --- `slices:` ------------------------------------------------------------------------------------------------
+
+def _layer_template(name: str) -> Optional[tuple[str, int]]:
+    """'model.layers.3.mlp.up_proj.weight' -> ('model.layers.{}.mlp.up_proj.weight', 3); None outside layers."""
+    m = arch.LAYER_RE.search(name)
+    if m is None:
+        return None
+    return name[: m.start(1)] + "{}" + name[m.end(1):], int(m.group(1))
+
+
+def _layers_of(model: ModelSource) -> dict[int, dict[str, str]]:
+    """Each layer's tensors of a model: {layer: {template: name}}."""
+    out: dict[int, dict[str, str]] = {}
+    for name in model.records:
+        tl = _layer_template(name)
+        if tl is not None:
+            out.setdefault(tl[1], {})[tl[0]] = name
+    return out
+
+
+def _is_pre(name: str) -> bool:
+    """Tensors before the layers (token and position embeddings); the rest (final norm, head) come after."""
+    return "embed" in name and not name.endswith(("lm_head.weight", "embed_out.weight")) or ".wte." in name \
+        or ".wpe." in name or name.startswith(("wte.", "wpe."))
+
+
+def _build_slice_plan(config: MergeConfig, method, models: list[ModelSource], refs: list[str],
+                      base: Optional[int]) -> MergePlan:
+    """mergekit's `slices:` form: output layers are the slices' layers in order. Slice k's layer i merges layer
+    start_j + i of each of its sources j, with t = i / (n_k - 1) for gradients (1 for a one-layer slice);
+    tensors before the layers (embeddings) merge the first slice's sources, those after (final norm, head)
+    the last slice's, at t = 0; parameters: the source's, then the slice's, then the top level's."""
+    _check_distinct(refs, models, len(refs))
+    reference = base if base is not None else ref_index(refs, config.slices[0].sources[0].model)
+    _check_architectures(models, refs, reference)
+    if config.tokenizer_source is not None:
+        raise ConfigError("tokenizer_source with `slices:` is not supported yet: merge models that share one "
+                          "vocabulary, or use the `models:` form")
+    counts = [arch.num_layers(m.config, m.records) for m in models]
+    layers = [_layers_of(m) for m in models]
+    for k, sl in enumerate(config.slices):
+        if sl.residual_weight is not None:
+            note(f"slices[{k}].residual_weight is accepted for mergekit compatibility and has no effect (mergekit "
+                 "0.1.5 declares it and never uses it)")
+        for j, src in enumerate(sl.sources):
+            i = ref_index(refs, src.model)
+            start, end = src.layer_range
+            if end > counts[i]:
+                raise ConfigError(f"slices[{k}].sources[{j}]: layer_range {list(src.layer_range)} reaches past the "
+                                  f"{counts[i]} layers of {src.model} (layers 0 to {counts[i] - 1}; end is excluded)")
+    out_dtype_cfg = torch_dtype(config.out_dtype) or torch_dtype(config.dtype)
+    ref_model = models[reference]
+    ordered = sorted(ref_model.records, key=lambda n: (str(ref_model.records[n].file), ref_model.records[n].start))
+    outside = [n for n in ordered if _layer_template(n) is None]
+    tensors: list[TensorPlan] = []
+    layer_sources: list[tuple[int, int]] = []
+
+    def add(out_name: str, k: int, names: list[str], t: float) -> None:
+        entries, slice_base, scopes = slice_inputs(config, k, method)
+        inputs = [ref_index(refs, e[0]) for e in entries]
+        sub_models = [models[i] for i in inputs]
+        sources = [{out_name: n} for n in names]
+        tp = _tensor_plan(out_name, method, config, sub_models, [refs[i] for i in inputs], 0 if slice_base is None
+                          else slice_base, slice_base, sources, None, 0, out_dtype_cfg, t=t, entries=entries,
+                          scopes=scopes, label=f"tensor {out_name} (slices[{k}])")
+        tp.inputs, tp.base = inputs, slice_base
+        tensors.append(tp)
+
+    def outside_names(k: int, name: str) -> list[str]:
+        names = []
+        for src in config.slices[k].sources:
+            m = models[ref_index(refs, src.model)]
+            alias = name if name in m.records else next((a for a in arch.TIED_ALIASES.get(name, ()) if a in m.records),
+                                                        None)
+            if alias is None:
+                raise InputError(f"model {src.model} has no tensor {name!r} (present in {refs[reference]}), which "
+                                 f"slices[{k}] merges; the inputs must share one architecture")
+            names.append(alias)
+        return names
+
+    for name in (n for n in outside if _is_pre(n)):
+        add(name, 0, outside_names(0, name), 0.0)
+    out_layer = 0
+    for k, sl in enumerate(config.slices):
+        n = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        for i in range(n):
+            per_source = []
+            for src in sl.sources:
+                mi = ref_index(refs, src.model)
+                held = layers[mi].get(src.layer_range[0] + i)
+                if held is None:
+                    raise InputError(f"model {src.model} holds no tensors of layer {src.layer_range[0] + i}, which "
+                                     f"slices[{k}] reads")
+                per_source.append(held)
+            first = per_source[0]
+            for src, held in zip(sl.sources[1:], per_source[1:]):
+                if set(held) != set(first):
+                    odd = sorted(set(held) ^ set(first))[0].format(src.layer_range[0] + i)
+                    raise InputError(f"slices[{k}]: layer {src.layer_range[0] + i} of {src.model} and layer "
+                                     f"{sl.sources[0].layer_range[0] + i} of {sl.sources[0].model} hold different "
+                                     f"tensors (e.g. {odd!r}); the sources must share one architecture")
+            t = i / (n - 1) if n > 1 else 1.0
+            for template in sorted(first, key=lambda tmpl: (str(models[ref_index(refs, sl.sources[0].model)]
+                                                                 .records[first[tmpl]].file),
+                                                             models[ref_index(refs, sl.sources[0].model)]
+                                                             .records[first[tmpl]].start)):
+                add(template.format(out_layer), k, [held[template] for held in per_source], t)
+            layer_sources.append((ref_index(refs, sl.sources[0].model), sl.sources[0].layer_range[0] + i))
+            out_layer += 1
+    last = len(config.slices) - 1
+    for name in (n for n in outside if not _is_pre(n)):
+        add(name, last, outside_names(last, name), 0.0)
+    _check_filters(config, [tp.name for tp in tensors])
+    used = {n for tp in tensors for n in tp.sources}
+    ignored = sorted({n for m in models for n in m.records} - used)
+    wide = torch_dtype(config.dtype) == torch.float64 or any(r.dtype == "F64" for m in models
+                                                              for r in m.records.values())
+    return MergePlan(
+        config=config, method=method, models=models, model_refs=refs,
+        base=base if base is not None and method.spec.base != "ignored" else None, reference=reference,
+        tensors=tensors, seed=config.random_seed if config.random_seed is not None else 0,
+        work_dtype=torch.float64 if wide else torch.float32, load_dtype=torch_dtype(config.dtype),
+        vocab=None, ignored_tensors=[n for n in ignored if _layer_template(n) is None],  # unsliced layers: meant
+        layer_sources=layer_sources,
     )

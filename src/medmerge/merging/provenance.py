@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from pathlib import Path
 from typing import Optional
@@ -12,6 +13,7 @@ from ..io.fingerprint import sha256_file
 from ..io.folders import copy_support_files as copy_files
 from ..io.folders import dtype_name, with_dtype, write_config
 from ..runtime import library_versions
+from .architecture import LAYER_COUNT_KEYS
 from .config import MergeConfig
 from .plan import MergePlan, ref_index
 
@@ -41,15 +43,26 @@ def resolved_config(plan: MergePlan) -> dict:
     for p in plan.method.spec.params:
         if p.name not in params and not p.required and p.default is not None:
             params[p.name] = p.default
-    out = {
-        "merge_method": cfg.merge_method,
-        "models": [
+    out = {"merge_method": cfg.merge_method}
+    if cfg.slices is not None:
+        def path_of(ref: str) -> str:
+            return paths[ref_index(plan.model_refs, ref)]
+
+        out["slices"] = [{
+            "sources": [{"model": path_of(src.model), "layer_range": list(src.layer_range),
+                         **({"parameters": src.parameters} if src.parameters else {})} for src in sl.sources],
+            **({"base_model": path_of(sl.base_model)} if sl.base_model else {}),
+            **({"residual_weight": sl.residual_weight} if sl.residual_weight is not None else {}),
+            **({"parameters": sl.parameters} if sl.parameters else {}),
+        } for sl in cfg.slices]
+    else:
+        out["models"] = [
             {"model": paths[i], **({"parameters": m.parameters} if m.parameters else {})}
             for i, m in enumerate(cfg.models)
-        ],
-    }
+        ]
     if cfg.base_model is not None:
-        out["base_model"] = paths[ref_index(plan.model_refs, cfg.base_model)]
+        index = ref_index(plan.model_refs, cfg.base_model)
+        out["base_model"] = paths[index] if index is not None else cfg.base_model
     out["parameters"] = params
     floats = [tp.out_dtype for tp in plan.tensors if tp.mergeable]
     out["dtype"] = cfg.dtype
@@ -125,6 +138,25 @@ def output_model_config(plan: MergePlan) -> dict:
     config = with_dtype(plan.models[plan.reference].config, floats[0] if floats else None)
     if plan.vocab is not None:
         config["vocab_size"] = plan.vocab.size
+    if plan.layer_sources is not None:  # `slices:`: the output's layers, and per-layer settings that follow them
+        config = rewrite_layers(config, plan)
+    return config
+
+
+def rewrite_layers(config: dict, plan: MergePlan) -> dict:
+    """num_hidden_layers (or the config's layer-count key) = the slices' layers; per-layer lists (layer_types)
+    taken from each output layer's source layer in the first source of its slice."""
+    config = copy.deepcopy(config)
+    holder = config["text_config"] if "text_config" in config and not any(k in config for k in LAYER_COUNT_KEYS) \
+        else config
+    key = next((k for k in LAYER_COUNT_KEYS if k in holder), "num_hidden_layers")
+    old = holder.get(key)
+    holder[key] = len(plan.layer_sources)
+    for name, value in list(holder.items()):
+        if isinstance(value, list) and old is not None and len(value) == old and name != "architectures":
+            per_model = [plan.models[i].config.get(name) for i, _ in plan.layer_sources]
+            if all(isinstance(v, list) for v in per_model):
+                holder[name] = [v[layer] for v, (_, layer) in zip(per_model, plan.layer_sources)]
     return config
 
 
