@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..adapters.verify import verify_output
 from ..errors import OutputExistsError
-from ..merging import merge, methods
+from ..merging import is_multi, merge, merge_chain, methods
 from .app import app
 from .common import command, console, stdout
 
@@ -29,10 +29,18 @@ def merge_cmd(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let tokenizers run code from the model folders"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="recompute a sample of tensors after merging"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    intermediate_dir: Optional[Path] = typer.Option(None, "--intermediate-dir", "-I", help="multi-document "
+                                                    "CONFIG: folder of the named merges (default: OUT.intermediate)"),
+    lazy: bool = typer.Option(True, "--lazy/--no-lazy", help="multi-document CONFIG: reuse unchanged intermediates"),
 ) -> None:
-    """Merge the models of CONFIG into OUT."""
-    result = merge(config, out, force=force, shard_size=shard_size, device=device, threads=threads,
-                   allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, verify=verify, progress=not quiet)
+    """Merge the models of CONFIG into OUT; a multi-document CONFIG (mergekit-multi) runs a chain of merges."""
+    kwargs = dict(shard_size=shard_size, device=device, threads=threads, allow_pickle=allow_pickle,
+                  trust_remote_code=trust_remote_code, verify=verify, progress=not quiet)
+    if str(config).endswith((".yml", ".yaml")) and is_multi(config):
+        for result in merge_chain(config, out, intermediate=intermediate_dir, lazy=lazy, force=force, **kwargs):
+            console.print(result.summary())
+        return
+    result = merge(config, out, force=force, **kwargs)
     console.print(result.summary())
 
 

@@ -7,7 +7,8 @@ config (parse) -> plan (every check, headers only) -> compute (one tensor) -> ex
 from .api import MergeResult, load_plan, merge
 from .config import MergeConfig, parse_config
 from .inmemory import InMemoryMerger, merge_state_dicts
+from .multi import is_multi, merge_chain
 from .verify import verify
 
-__all__ = ["InMemoryMerger", "MergeConfig", "MergeResult", "load_plan", "merge", "merge_state_dicts",
-           "parse_config", "verify"]
+__all__ = ["InMemoryMerger", "MergeConfig", "MergeResult", "is_multi", "load_plan", "merge", "merge_chain",
+           "merge_state_dicts", "parse_config", "verify"]

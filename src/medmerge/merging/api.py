@@ -78,11 +78,13 @@ def merge(
     trust_remote_code: bool = False,
     verify: bool = True,
     progress: bool = True,
+    extra_files: Optional[dict[str, str]] = None,
 ) -> MergeResult:
     """Merge to `out` (sharded safetensors, config, tokenizer, medmerge.yml, README.md).
 
     Output goes to a temporary folder beside `out` and is moved into place only
     after it was written and checked; an existing `out` needs `force=True`.
+    `extra_files` ({name: text}) are written into the folder before it is moved into place.
     """
     out = output_path(out)
     size = shard_bytes(shard_size)
@@ -125,5 +127,7 @@ def merge(
             if not report.ok:
                 raise MedmergeError("verification of the merge failed: " + "; ".join(
                     report.problems + [f"{c.name}: max abs error {c.max_abs:.3g}" for c in report.checked if not c.ok]))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     notes = [f"{len(plan.ignored_tensors)} tensor(s) only in non-reference models were ignored"] if plan.ignored_tensors else []
     return MergeResult(out=out, plan=plan, stats=stats, verification=report, notes=notes)
