@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -253,3 +254,17 @@ class LoraAdapter:
 
 def _dtype_code(dtype: torch.dtype) -> str:
     return DTYPE_NAMES[dtype]
+
+
+def peft_lora_config(base_path, ranks: dict[str, int], *, task_type: str = "CAUSAL_LM", fan_in_fan_out: bool = False,
+                     modules_to_save=None) -> dict:
+    """PEFT's adapter_config.json for LoRA factors whose scaling is 1 (lora_alpha = r; the most common rank as
+    `r`, the others through rank_pattern/alpha_pattern, whose keys PEFT reads as regexes)."""
+    common = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
+    pattern = {re.escape(m): r for m, r in ranks.items() if r != common}
+    return {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": str(base_path), "r": common,
+        "lora_alpha": common, "rank_pattern": pattern, "alpha_pattern": dict(pattern), "use_rslora": False,
+        "lora_dropout": 0.0, "target_modules": sorted(ranks), "bias": "none", "fan_in_fan_out": bool(fan_in_fan_out),
+        "inference_mode": True, "init_lora_weights": True, "modules_to_save": modules_to_save, "use_dora": False,
+    }

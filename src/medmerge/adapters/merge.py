@@ -14,8 +14,6 @@ import datetime as dt
 import json
 import math
 import random
-import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -34,7 +32,7 @@ from ..merging.provenance import RECORDED_LIBRARIES
 from ..runtime import library_versions, progress as progress_bar
 from .combine import DENSITY_METHODS, METHODS, combine, svd_factors
 from .inputs import RECORD_KEY, AdapterInputs, module_name, open_inputs
-from .lora import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from .lora import CONFIG_NAME, PREFIX, WEIGHTS_NAME, peft_lora_config
 from .verify import verify_adapter_merge
 
 SAMPLE_MODULES = 8  # modules recomputed from the inputs by the merge's own verification (all with verify="full")
@@ -322,16 +320,8 @@ def _write_adapter(inputs: AdapterInputs, folder: Path, method: str, density, ra
             ranks[module] = fa.shape[0]
             bar.advance(task)
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-    common = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {re.escape(m): r for m, r in ranks.items() if r != common}  # PEFT matches keys as regexes
-    config = {
-        "peft_type": "LORA", "task_type": first_cfg.get("task_type", "CAUSAL_LM"),
-        "base_model_name_or_path": str(inputs.base.path), "r": common, "lora_alpha": common,
-        "rank_pattern": pattern, "alpha_pattern": dict(pattern), "use_rslora": False, "lora_dropout": 0.0,
-        "target_modules": sorted(module_name(t) for t in inputs.modules), "bias": "none",
-        "fan_in_fan_out": bool(first_cfg.get("fan_in_fan_out", False)), "inference_mode": True,
-        "init_lora_weights": True, "modules_to_save": None, "use_dora": False,
-    }
+    config = peft_lora_config(inputs.base.path, ranks, task_type=first_cfg.get("task_type", "CAUSAL_LM"),
+                              fan_in_fan_out=first_cfg.get("fan_in_fan_out", False))
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     copy_support_files(inputs.adapters[0].path, folder, generation=False)
-    return results, (rank if rank is not None else common)
+    return results, (rank if rank is not None else config["r"])

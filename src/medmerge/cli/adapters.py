@@ -1,4 +1,4 @@
-"""`medmerge adapters merge`."""
+"""`medmerge adapters merge` and `medmerge adapters extract`."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.table import Table
 
+from ..adapters import extract
 from ..adapters.inputs import parse_adapter_arg
 from ..adapters.merge import merge_adapters, summary
 from .app import adapters_app
-from .common import command, console
+from .common import command, console, stdout
 
 
 @command(adapters_app, "merge")
@@ -48,3 +50,45 @@ def adapters_merge_cmd(
         seed=seed, dtype=dtype, shard_size=shard_size, allow_missing=allow_missing, allow_pickle=allow_pickle,
         check_base=not no_base_check, verify="full" if verify_all else verify, force=force, progress=not quiet)
     console.print(summary(record, out))
+
+
+@command(adapters_app, "extract")
+def adapters_extract_cmd(
+    base: str = typer.Argument(..., help="the base model folder"),
+    tuned: str = typer.Argument(..., help="the fine-tuned model folder (same architecture and tensor shapes)"),
+    out: Path = typer.Option(..., "--out", help="output adapter folder (written atomically)"),
+    rank: str = typer.Option(..., "--rank", help="LoRA rank of every module (capped at its full rank min(out, in)), "
+                             "or auto: the smallest rank per module that keeps --energy"),
+    energy: Optional[float] = typer.Option(None, "--energy", help="with --rank auto: fraction (0, 1] of each "
+                                           "module's squared Frobenius norm of W_tuned - W_base to keep"),
+    max_rank: Optional[int] = typer.Option(None, "--max-rank", help="with --rank auto: the largest rank a module "
+                                           "may take"),
+    embed_lora: bool = typer.Option(False, "--embed-lora/--no-embed-lora", help="extract embeddings and the output "
+                                    "head as LoRA too (default, as mergekit: saved whole in modules_to_save when "
+                                    "changed)"),
+    save_module: list[str] = typer.Option([], "--save-module", help="a module saved whole from TUNED "
+                                          "(modules_to_save) instead of as LoRA: a full name or its last part, "
+                                          "e.g. lm_head (repeat)"),
+    skip_undecomposable: bool = typer.Option(False, "--skip-undecomposable", help="leave out changed tensors a "
+                                             "LoRA cannot carry (norms, biases, embeddings) instead of saving their "
+                                             "modules whole; they are reported"),
+    dtype: str = typer.Option("float32", "--dtype", help="dtype of the saved factors: float32, bfloat16 or float16"),
+    svd_dtype: str = typer.Option("float64", "--svd-dtype", help="precision of the SVD: float64, or float32 (faster, "
+                                  "as mergekit)"),
+    device: str = typer.Option("auto", "--device", help="where the SVDs run: auto, cpu, cuda or cuda:N"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="read pickle checkpoints you trust"),
+    force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Extract a PEFT LoRA adapter from TUNED - BASE by truncated SVD per module, with the energy kept."""
+    record = extract.extract_lora(
+        base, tuned, out, rank=rank, energy=energy, max_rank=max_rank, embed_lora=embed_lora,
+        save_modules=save_module, skip_undecomposable=skip_undecomposable, dtype=dtype, svd_dtype=svd_dtype,
+        device=device, allow_pickle=allow_pickle, force=force, progress=not quiet)
+    table = Table(title=f"LoRA extracted from {record['tuned']['path']}")
+    for col in ("module", "rank", "full rank", "energy kept"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    for module, info in record["modules"].items():
+        table.add_row(module, str(info["rank"]), str(info["full_rank"]), f"{info['energy_kept']:.4f}")
+    stdout.print(table)
+    console.print(extract.summary(record, out))

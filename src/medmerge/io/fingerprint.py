@@ -19,6 +19,7 @@ from ..errors import InputError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 TRAIN_RECORD = "medmerge_train.json"  # what `medmerge train` writes next to a model or adapter
+EXTRACT_RECORD = "medmerge_extract.json"  # what `medmerge adapters extract` writes next to an adapter
 ADAPTER_CONFIG = "adapter_config.json"
 # config.json keys that do not change what the weights mean (ignored when two bases' configs are compared)
 _CONFIG_IGNORE = ("_name_or_path", "torch_dtype", "dtype", "transformers_version", "use_cache", "architectures")
@@ -70,9 +71,10 @@ def check_recorded_base(base: Path, recorded: str, *, trained: str, fix: str) ->
 
 
 def recorded_base_fingerprint(folder: Path) -> str | None:
-    """The base fingerprint `medmerge train` recorded next to an adapter (medmerge_train.json), if any."""
-    record = Path(folder) / TRAIN_RECORD
-    if not record.is_file():
+    """The base fingerprint recorded next to an adapter by `medmerge train` (medmerge_train.json) or `medmerge
+    adapters extract` (medmerge_extract.json), if any."""
+    record = next((Path(folder) / n for n in (TRAIN_RECORD, EXTRACT_RECORD) if (Path(folder) / n).is_file()), None)
+    if record is None:
         return None
     try:
         found = json.loads(record.read_text(encoding="utf-8"))["base"]["fingerprint"]

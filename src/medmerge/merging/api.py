@@ -111,7 +111,7 @@ def merge(
         stats = stream_merge(plan, writer, device=dev, progress=progress)
         writer.close()
         write_model_config(plan, tmp)
-        copy_support_files(plan, tmp)
+        tokenizer_notes = copy_support_files(plan, tmp)
         hasher.join()
         write_provenance(plan, tmp, side["hashes"], stats={
             "seconds": round(stats.seconds, 3), "bytes_written": stats.bytes_written,
@@ -130,4 +130,5 @@ def merge(
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     notes = [f"{len(plan.ignored_tensors)} tensor(s) only in non-reference models were ignored"] if plan.ignored_tensors else []
+    notes += tokenizer_notes
     return MergeResult(out=out, plan=plan, stats=stats, verification=report, notes=notes)

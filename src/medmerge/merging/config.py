@@ -22,7 +22,6 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 UNSUPPORTED_KEYS = {
     "modules": "per-module configs (`modules`) are not supported; use the `models:` form",
     "tokenizer": "the `tokenizer:` block is not supported; use `tokenizer_source: base | union | <model>`",
-    "chat_template": "`chat_template` is not supported; the tokenizer (and its template) comes from `tokenizer_source`",
 }
 
 
@@ -94,6 +93,7 @@ class MergeConfig(BaseModel):
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
     tokenizer_source: Optional[str] = None
+    chat_template: Optional[str] = None  # auto, a name (io.chat_templates) or Jinja: merging.templates
     random_seed: Optional[int] = None
 
     @field_validator("dtype", "out_dtype")

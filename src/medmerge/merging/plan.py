@@ -22,6 +22,7 @@ from ..errors import ConfigError, InputError
 from ..io.checkpoint import DTYPE_NAMES, Checkpoint, TensorRecord, resolve_model_path
 from ..runtime import note
 from .methods.base import GLOBAL, PER_NON_BASE, check_counts
+from .templates import check_chat_template
 from .vocab import VocabAlignment, build_alignment
 
 
@@ -280,6 +281,7 @@ def check_config(config: MergeConfig) -> methods.MergeMethod:
     `build_plan` runs it first; a sweep runs it on every point of its grid before evaluating anything.
     """
     method = _method(config)
+    check_chat_template(config.chat_template)
     _check_parameter_names(method, config)
     _check_parameter_values(method, config)
     refs, base = input_refs(config)
@@ -411,7 +413,7 @@ def build_plan(
     _check_distinct(refs, models, len(config.models))
     method_base = base if has_base else None
     reference = base if base is not None else 0
-    _check_architectures(models, refs, reference)
+    check_architectures(models, refs, reference)
     n_layers = _layer_count(models, refs, reference)
     names, sources, ignored = _tensor_sources(models, refs, reference)
     _check_filters(config, names)
@@ -447,7 +449,7 @@ def _method(config: MergeConfig) -> methods.MergeMethod:
         raise ConfigError(str(e.args[0])) from None
 
 
-def _check_architectures(models: list[ModelSource], refs: list[str], reference: int) -> None:
+def check_architectures(models: list[ModelSource], refs: list[str], reference: int) -> None:
     """Every input folder has a config.json without custom code, of the reference's model_type and architectures.
 
     In-memory state dicts (no folder) carry no config and are not checked.
@@ -657,7 +659,7 @@ def _build_slice_plan(config: MergeConfig, method, models: list[ModelSource], re
     the last slice's, at t = 0; parameters: the source's, then the slice's, then the top level's."""
     _check_distinct(refs, models, len(refs))
     reference = base if base is not None else ref_index(refs, config.slices[0].sources[0].model)
-    _check_architectures(models, refs, reference)
+    check_architectures(models, refs, reference)
     if config.tokenizer_source is not None:
         raise ConfigError("tokenizer_source with `slices:` is not supported yet: merge models that share one "
                           "vocabulary, or use the `models:` form")

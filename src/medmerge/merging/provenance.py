@@ -16,6 +16,7 @@ from ..runtime import library_versions
 from .architecture import LAYER_COUNT_KEYS
 from .config import MergeConfig
 from .plan import MergePlan, ref_index
+from .templates import resolve_template, stopping_problems, write_template
 
 PROVENANCE_KEY = "provenance"
 RECORDED_LIBRARIES = ("torch", "transformers", "safetensors")
@@ -70,6 +71,8 @@ def resolved_config(plan: MergePlan) -> dict:
     if cfg.tokenizer_source is not None:
         src = cfg.tokenizer_source
         out["tokenizer_source"] = src if src in ("base", "union") else paths[ref_index(plan.model_refs, src)]
+    if cfg.chat_template is not None:
+        out["chat_template"] = cfg.chat_template
     out["random_seed"] = plan.seed
     return {k: v for k, v in out.items() if v is not None}
 
@@ -164,13 +167,23 @@ def write_model_config(plan: MergePlan, folder: Path) -> None:
     write_config(folder, output_model_config(plan))
 
 
-def copy_support_files(plan: MergePlan, folder: Path) -> None:
-    """Tokenizer and generation config from the reference model (base, else first)."""
+def copy_support_files(plan: MergePlan, folder: Path) -> list[str]:
+    """Tokenizer and generation config from the reference model (base, else first), the config's
+    `chat_template`; returns what would keep generation from stopping (merging.templates), to be said."""
     src = getattr(plan.models[plan.reference], "path", None)
     if plan.vocab is not None:
         plan.vocab.tokenizer.save_pretrained(str(folder))
     if src is not None:
         copy_files(src, folder, tokenizer=plan.vocab is None)
+    notes = []
+    if plan.config.chat_template:
+        paths = [Path(p) for p in (getattr(m, "path", None) for m in plan.models) if p is not None]
+        template = resolve_template(plan.config.chat_template, paths)
+        if template is None:
+            notes.append("chat_template: auto found no template in the inputs; the output keeps the reference's")
+        else:
+            write_template(folder, template)
+    return notes + (stopping_problems(folder, Path(src)) if src is not None else [])
 
 
 def split_provenance(doc: dict) -> tuple[dict, dict]:

@@ -9,6 +9,7 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
+from ..io.chat_templates import NAMED_TEMPLATES
 from ..settings import Strict, apply_overrides, read_yaml, validation_message
 
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
@@ -120,23 +121,6 @@ class TrainConfig(Finite):
         if any(not p.strip() for p in self.freeze):
             raise ValueError("freeze: empty pattern; give parameter-name globs such as model.embed_tokens.*")
         return self
-
-
-NAMED_TEMPLATES = {
-    "chatml": (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    ),
-    "llama3": (
-        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-    ),
-    "plain": (
-        "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
-        "{% else %}{{ m['content'] }}\n{% endif %}{% endfor %}"
-    ),
-}
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), raw: Optional[dict] = None) -> TrainConfig:

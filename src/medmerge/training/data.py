@@ -10,9 +10,10 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import ConfigError
+from ..io.chat_templates import NAMED_TEMPLATES
 from ..io.records import DataError, read_table, read_text, require_columns
 from ..runtime import note
-from .config import NAMED_TEMPLATES, DataConfig, TrainConfig
+from .config import DataConfig, TrainConfig
 
 IGNORE = -100
 

@@ -14,7 +14,6 @@ import contextlib
 import fnmatch
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
