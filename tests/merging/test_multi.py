@@ -126,7 +126,7 @@ def test_a_rerun_reuses_unchanged_intermediates_and_redoes_changed_ones(fam, tmp
     ("name: x\nmerge_method: linear\nmodels: [{model: A}]\n---\nmerge_method: linear\nmodels: [{model: x}]\n"
      "---\n[1, 2]\n", "document 3 is not a mapping"),
     ("name: x\nmerge_method: linear\nmodels: [{model: A}]\n---\nmerge_method: linear\nmodels: [{model: x}]\n"
-     "tokenizer: {}\n", "key `tokenizer`"),
+     "tokenizer: {pad_to_multiple_of: 0}\n", "pad_to_multiple_of"),
 ])
 def test_bad_chains_are_refused_before_anything_is_merged(fam, tmp_path, text, message):
     cfg = tmp_path / "chain.yml"

@@ -10,10 +10,10 @@ over the top-level `parameters`. Tensors outside the repeated layers
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
 from ..settings import load_yaml
@@ -21,7 +21,6 @@ from ..settings import load_yaml
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 UNSUPPORTED_KEYS = {
     "modules": "per-module configs (`modules`) are not supported; use the `models:` form",
-    "tokenizer": "the `tokenizer:` block is not supported; use `tokenizer_source: base | union | <model>`",
 }
 
 
@@ -37,6 +36,56 @@ class ModelEntry(BaseModel):
             inner = v.get("model", v)
             v = inner.get("path") if isinstance(inner, dict) else inner
         return v
+
+
+class ZeroToken(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero"]
+
+
+class ModelToken(BaseModel):
+    """Another token's row of one model: by id or by token string (in that model's own vocabulary)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token"]
+    model: str
+    token_id: Optional[int] = Field(None, ge=0)
+    token: Optional[str] = None
+
+    _model_ref = field_validator("model", mode="before")(ModelEntry._model_ref.__func__)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id and token")
+        return self
+
+
+class TokenSource(BaseModel):
+    """Where one output token's embedding rows come from: a model (its row of this token), another token of a
+    model, or zeros; `force` uses it for every model, not only for those that lack the token."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: Union[ZeroToken, ModelToken, str, None] = None
+    force: bool = False
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _ref(cls, v):
+        if isinstance(v, dict) and "kind" not in v:  # mergekit's {model: {path: ...}} spelling of a model
+            return ModelEntry._model_ref(v)
+        return v
+
+
+class TokenizerBlock(BaseModel):
+    """mergekit's `tokenizer:` block: the output vocabulary, per-token sources and padding of its size."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"  # union | base | a model
+    tokens: Optional[dict[str, TokenSource]] = None
+    pad_to_multiple_of: Optional[int] = Field(None, ge=1)
+
+    _source_ref = field_validator("source", mode="before")(ModelEntry._model_ref.__func__)
 
 
 class SliceSource(BaseModel):
@@ -93,6 +142,7 @@ class MergeConfig(BaseModel):
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
     tokenizer_source: Optional[str] = None
+    tokenizer: Optional[TokenizerBlock] = None
     chat_template: Optional[str] = None  # auto, a name (io.chat_templates) or Jinja: merging.templates
     random_seed: Optional[int] = None
 
@@ -123,6 +173,8 @@ class MergeConfig(BaseModel):
             raise ValueError("`models:` (or `slices:`) is missing or empty: list the models to merge")
         if self.slices is not None and not self.slices:
             raise ValueError("`slices:` is empty: list at least one slice")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give either `tokenizer_source:` or a `tokenizer:` block (its `source:`), not both")
         return self
 
     def to_yaml(self) -> str:

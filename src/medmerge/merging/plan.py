@@ -549,7 +549,8 @@ def _vocab_alignment(config: MergeConfig, models: list[ModelSource], refs: list[
     if not vocab_names:
         return None
     rows = [m.records[sources[i][vocab_names[0]]].shape[0] for i, m in enumerate(models)]
-    if config.tokenizer_source is None:
+    block = config.tokenizer
+    if config.tokenizer_source is None and block is None:
         if len(set(rows)) > 1:
             detail = ", ".join(f"{r}: {n}" for r, n in zip(refs, rows))
             raise InputError(
@@ -558,16 +559,20 @@ def _vocab_alignment(config: MergeConfig, models: list[ModelSource], refs: list[
                 "`tokenizer_source: union` (all tokens of all models), or `tokenizer_source: <model>`"
             )
         return None
-    source = config.tokenizer_source
+    key = "tokenizer.source" if block is not None else "tokenizer_source"
+    source = block.source if block is not None else config.tokenizer_source
     if source not in ("base", "union"):
         index = ref_index(refs, source)
         if index is None:
-            raise ConfigError(f"tokenizer_source {source!r} is neither `base`, `union` nor one of the input models")
+            raise ConfigError(f"{key} {source!r} is neither `base`, `union` nor one of the input models")
         source = str(index)
     paths = [getattr(m, "path", None) for m in models]
     if any(p is None for p in paths):
-        raise ConfigError("tokenizer_source needs model folders with tokenizers, not in-memory state dicts")
-    return build_alignment(source, paths, rows, base, trust_remote_code)
+        raise ConfigError(f"{key} needs model folders with tokenizers, not in-memory state dicts")
+    return build_alignment(source, paths, rows, base, trust_remote_code,
+                           tokens=block.tokens if block is not None else None,
+                           pad_to_multiple_of=block.pad_to_multiple_of if block is not None else None,
+                           model_index=lambda ref: ref_index(refs, ref))
 
 
 def _tensor_plan(name: str, method, config: MergeConfig, models: list[ModelSource], refs: list[str], reference: int,
@@ -660,9 +665,9 @@ def _build_slice_plan(config: MergeConfig, method, models: list[ModelSource], re
     _check_distinct(refs, models, len(refs))
     reference = base if base is not None else ref_index(refs, config.slices[0].sources[0].model)
     check_architectures(models, refs, reference)
-    if config.tokenizer_source is not None:
-        raise ConfigError("tokenizer_source with `slices:` is not supported yet: merge models that share one "
-                          "vocabulary, or use the `models:` form")
+    if config.tokenizer_source is not None or config.tokenizer is not None:
+        raise ConfigError("tokenizer_source or a `tokenizer:` block with `slices:` is not supported yet: merge "
+                          "models that share one vocabulary, or use the `models:` form")
     counts = [arch.num_layers(m.config, m.records) for m in models]
     layers = [_layers_of(m) for m in models]
     for k, sl in enumerate(config.slices):

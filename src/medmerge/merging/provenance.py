@@ -71,6 +71,11 @@ def resolved_config(plan: MergePlan) -> dict:
     if cfg.tokenizer_source is not None:
         src = cfg.tokenizer_source
         out["tokenizer_source"] = src if src in ("base", "union") else paths[ref_index(plan.model_refs, src)]
+    if cfg.tokenizer is not None:
+        block = cfg.tokenizer.model_dump(exclude_none=True)
+        src = cfg.tokenizer.source
+        block["source"] = src if src in ("base", "union") else paths[ref_index(plan.model_refs, src)]
+        out["tokenizer"] = block
     if cfg.chat_template is not None:
         out["chat_template"] = cfg.chat_template
     out["random_seed"] = plan.seed
