@@ -14,6 +14,8 @@ from .merging import (  # noqa: E402
     verify,
 )
 
+from . import adapters  # noqa: E402,F401  (registers `model+lora` references for merges)
+
 __all__ = [
     "ConfigError", "InMemoryMerger", "InputError", "MedmergeError", "MergeConfig", "MergeResult",
     "OutputExistsError", "load_plan", "merge", "merge_state_dicts", "parse_config", "verify",

@@ -137,13 +137,43 @@ def looks_like_hub_id(ref: str) -> bool:
     )
 
 
+# `model+lora` references (mergekit's syntax): a function (base folder, adapter folder) -> folder of the base with
+# the adapter applied. The adapters layer registers it (`medmerge.adapters`); the io layer cannot apply one.
+LORA_RESOLVER = []
+
+
+def split_lora_ref(ref: str, relative_to: Optional[Path] = None) -> Optional[tuple[str, str]]:
+    """(model, adapter) of a `model+lora` reference; None for a plain one. A path that exists as it is (a '+' in a
+    folder name) is plain; otherwise it splits at the last '+' whose two sides are both folders."""
+    if "+" not in ref or _existing(ref, relative_to) is not None:
+        return None
+    parts = ref.split("+")
+    for k in range(len(parts) - 1, 0, -1):
+        model, adapter = "+".join(parts[:k]), "+".join(parts[k:])
+        if _existing(model, relative_to) is not None and _existing(adapter, relative_to) is not None:
+            return model, adapter
+    k = len(parts) - 1  # neither split names two folders: report the last one's sides
+    return "+".join(parts[:k]), "+".join(parts[k:])
+
+
+def _existing(ref: str, relative_to: Optional[Path]) -> Optional[Path]:
+    candidates = [Path(ref).expanduser()] + ([relative_to / ref] if relative_to is not None and
+                                             not Path(ref).is_absolute() else [])
+    return next((p for p in candidates if p.is_dir()), None)
+
+
 def resolve_model_path(ref: str, relative_to: Optional[Path] = None) -> Path:
-    """A local folder for a model reference, or an InputError that says what to pass."""
-    if "+" in ref:
-        raise InputError(
-            f"model {ref!r}: 'model+lora' references are not supported; merge the adapter into its "
-            "base first (medmerge adapters merge / peft merge_and_unload) and pass the merged folder"
-        )
+    """A local folder for a model reference, or an InputError that says what to pass.
+
+    `MODEL+ADAPTER` (mergekit's syntax) gives the folder of MODEL with the PEFT adapter applied exactly (built
+    once and cached by the adapters layer: `medmerge.adapters.materialize`)."""
+    lora = split_lora_ref(ref, relative_to)
+    if lora is not None:
+        model, adapter = (resolve_model_path(part, relative_to) for part in lora)
+        if not LORA_RESOLVER:
+            raise InputError(f"model {ref!r}: a 'model+lora' reference needs medmerge's adapter layer; import "
+                             "medmerge (or medmerge.adapters) before merging")
+        return LORA_RESOLVER[0](model, adapter)
     candidates = [Path(ref).expanduser()]
     if relative_to is not None and not Path(ref).is_absolute():
         candidates.append(relative_to / ref)

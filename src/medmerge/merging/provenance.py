@@ -9,6 +9,7 @@ from typing import Optional
 
 import yaml
 
+from ..io.checkpoint import split_lora_ref
 from ..io.fingerprint import sha256_file
 from ..io.folders import copy_support_files as copy_files
 from ..io.folders import dtype_name, with_dtype, write_config
@@ -39,7 +40,7 @@ def input_hashes(plan: MergePlan) -> list[dict]:
 def resolved_config(plan: MergePlan) -> dict:
     """The config with absolute model paths, every parameter default and the seed filled in."""
     cfg: MergeConfig = plan.config
-    paths = [str(getattr(m, "path", None) or r) for m, r in zip(plan.models, plan.model_refs)]
+    paths = [_recorded_ref(m, r) for m, r in zip(plan.models, plan.model_refs)]
     params = dict(cfg.parameters or {})
     for p in plan.method.spec.params:
         if p.name not in params and not p.required and p.default is not None:
@@ -80,6 +81,15 @@ def resolved_config(plan: MergePlan) -> dict:
         out["chat_template"] = cfg.chat_template
     out["random_seed"] = plan.seed
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _recorded_ref(model, ref: str) -> str:
+    """An input as the resolved config records it: its absolute folder; a `model+lora` reference stays one (with
+    absolute parts), so the record shows the adapter (its cached application is in the input hashes)."""
+    lora = split_lora_ref(ref)
+    if lora is not None:
+        return "+".join(str(Path(part).expanduser().resolve()) for part in lora)
+    return str(getattr(model, "path", None) or ref)
 
 
 def write_provenance(plan: MergePlan, folder: Path, hashes: list[dict], stats: Optional[dict] = None) -> dict:
