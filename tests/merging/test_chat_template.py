@@ -129,3 +129,6 @@ def test_what_would_keep_generation_from_stopping_is_said(tmp_path):
     assert stopping_problems(fixed, fixed) == []
     other = _folder(tmp_path / "other", "<|im_end|>", 7, special)
     assert any("EOS token is '<|im_end|>', the base's '</s>'" in p for p in stopping_problems(other, base))
+    cfg = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**cfg, "pad_token": "<|im_end|>"}))
+    assert any("pad token is '<|im_end|>'" in p for p in stopping_problems(other, base))

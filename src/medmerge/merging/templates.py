@@ -81,19 +81,23 @@ def _special_tokens(folder: Path) -> dict[str, int]:
     return {t["content"]: t["id"] for t in added if t.get("special")}
 
 
-def _eos(folder: Path) -> tuple[Optional[str], list[int]]:
-    """(the tokenizer's eos token, generation_config.json's eos ids)."""
+def _special(folder: Path, kind: str) -> tuple[Optional[str], list[int]]:
+    """(the tokenizer's `kind` token (eos, pad), generation_config.json's `kind`_token_id as a list)."""
     token = None
     cfg = folder / "tokenizer_config.json"
     if cfg.is_file():
-        token = json.loads(cfg.read_text(encoding="utf-8")).get("eos_token")
+        token = json.loads(cfg.read_text(encoding="utf-8")).get(f"{kind}_token")
         token = token.get("content") if isinstance(token, dict) else token
     ids: list[int] = []
     gen = folder / "generation_config.json"
     if gen.is_file():
-        value = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id")
+        value = json.loads(gen.read_text(encoding="utf-8")).get(f"{kind}_token_id")
         ids = [value] if isinstance(value, int) else list(value or [])
     return token, ids
+
+
+def _eos(folder: Path) -> tuple[Optional[str], list[int]]:
+    return _special(folder, "eos")
 
 
 def stopping_problems(out: Path, base: Optional[Path]) -> list[str]:
@@ -107,6 +111,11 @@ def stopping_problems(out: Path, base: Optional[Path]) -> list[str]:
                             "stops (generation_config.json's eos_token_id)")
         if sorted(base_ids) != sorted(ids):
             problems.append(f"generation_config.json's eos_token_id is {ids}, the base's {base_ids}")
+        pad, pad_ids = _special(out, "pad")
+        base_pad, base_pad_ids = _special(base, "pad")
+        if (pad, sorted(pad_ids)) != (base_pad, sorted(base_pad_ids)):
+            problems.append(f"the output's pad token is {pad!r} (generation_config pad_token_id {pad_ids}), the "
+                            f"base's {base_pad!r} ({base_pad_ids}): batched generation pads with it")
     template = model_template(out)
     special = _special_tokens(out)
     if template and ids:
