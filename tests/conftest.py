@@ -31,15 +31,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+def llama_fine_tunes(root: Path, *, seed: int, layers: int) -> dict[str, Path]:
+    """A Llama-style base (hidden 32, untied lm_head) and three 'fine-tunes' a, b, c of it (seeds seed+1..3)."""
+    base = make_model(root / "base", arch="llama", seed=seed, hidden=32, layers=layers, vocab=64)
+    family = {"base": base}
+    for i, name in enumerate(("a", "b", "c"), start=1):
+        family[name] = make_model(root / name, base=base, seed=seed + i, delta_scale=0.05)
+    return family
+
+
 @pytest.fixture(scope="session")
 def llama_family(tmp_path_factory) -> dict[str, Path]:
     """A Llama-style base (hidden 32, 2 layers, untied lm_head) and three 'fine-tunes' of it."""
-    root = tmp_path_factory.mktemp("llama")
-    base = make_model(root / "base", arch="llama", seed=0, hidden=32, layers=2, vocab=64)
-    family = {"base": base}
-    for i, name in enumerate(("a", "b", "c"), start=1):
-        family[name] = make_model(root / name, base=base, seed=i, delta_scale=0.05)
-    return family
+    return llama_fine_tunes(tmp_path_factory.mktemp("llama"), seed=0, layers=2)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 
 import medmerge
 from medmerge.errors import ConfigError
-from medmerge.tiny import make_model
 
 mergekit = pytest.importorskip("mergekit")
 from mergekit.config import MergeConfiguration  # noqa: E402
@@ -26,12 +25,9 @@ from mergekit.options import MergeOptions  # noqa: E402
 
 @pytest.fixture(scope="module")
 def four(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("slices")
-    base = make_model(root / "base", arch="llama", seed=40, hidden=32, layers=4, vocab=64)
-    out = {"base": base}
-    for i, name in enumerate(("a", "b", "c"), start=1):
-        out[name] = make_model(root / name, base=base, seed=40 + i, delta_scale=0.05)
-    return {k: str(v) for k, v in out.items()}
+    from conftest import llama_fine_tunes
+
+    return {k: str(v) for k, v in llama_fine_tunes(tmp_path_factory.mktemp("slices"), seed=40, layers=4).items()}
 
 
 def _src(model, start, end, **params):
