@@ -5,6 +5,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# medmerge's caches (config shapes, model+lora applications, miniclinic builds) in a folder of this run, not ~/.cache
+os.environ.setdefault("MEDMERGE_CACHE", __import__("tempfile").mkdtemp(prefix="medmerge-test-cache-"))
 
 import json  # noqa: E402
 import random  # noqa: E402

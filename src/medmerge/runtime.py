@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
@@ -123,3 +124,11 @@ def prepare_processes(device: str) -> int:
              "(--mpirun_hostfile); for N processes on CPU use `accelerate launch --multi_gpu --num_processes N` "
              "or `torchrun --nproc_per_node N` (medmerge then runs them on CPU over gloo)")
     return n
+
+
+def cache_root() -> Path:
+    """medmerge's cache folder: MEDMERGE_CACHE, else $XDG_CACHE_HOME/medmerge, else ~/.cache/medmerge."""
+    env = os.environ.get("MEDMERGE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "medmerge"

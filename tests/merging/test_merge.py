@@ -205,3 +205,20 @@ def test_post_merge_check_samples_small_tensors(llama_family, tmp_path):
     by_name = {tp.name: tp for tp in result.plan.tensors}
     assert all(by_name[n].nbytes <= median for n in checked)
     assert "model.embed_tokens.weight" not in checked
+
+
+def test_config_shapes_are_cached_so_a_repeated_merge_does_not_import_transformers(llama_family, tmp_path,
+                                                                                    monkeypatch):
+    import sys
+
+    from medmerge.merging.verify import ConfigShapes
+
+    monkeypatch.setenv("MEDMERGE_CACHE", str(tmp_path / "cache"))
+    config = json.loads((llama_family["a"] / "config.json").read_text())
+    first = ConfigShapes.from_config(config)
+    assert first.shapes and len(list((tmp_path / "cache" / "config_shapes").glob("*.json"))) == 1
+    monkeypatch.setitem(sys.modules, "transformers", None)  # importing it now would fail
+    again = ConfigShapes.from_config(config)
+    assert again.shapes == first.shapes and again.tied == first.tied
+    other = ConfigShapes.from_config({**config, "num_hidden_layers": 3})  # another config: not the cached entry
+    assert other.shapes is None and "shapes not checked" in other.note

@@ -6,7 +6,7 @@ deltas; the same code as `medmerge adapters merge`, with its base check and veri
 cache named by sha256 over both folders' fingerprints: a changed base or adapter is a new entry, an unchanged
 pair is reused. Processes that need the same entry at once wait on one lock; one builds it, the others read it.
 
-The cache is MEDMERGE_LORA_CACHE, else ~/.cache/medmerge/lora_merged (XDG_CACHE_HOME is honoured).
+The cache is MEDMERGE_LORA_CACHE, else lora_merged/ in medmerge's cache folder (runtime.cache_root).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..io.fingerprint import fingerprint
-from ..runtime import note
+from ..runtime import cache_root, note
 from .merge import merge_adapters
 
 RECORD = "medmerge_lora.json"
@@ -29,7 +29,7 @@ def cache_dir() -> Path:
     env = os.environ.get("MEDMERGE_LORA_CACHE")
     if env:
         return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "medmerge" / "lora_merged"
+    return cache_root() / "lora_merged"
 
 
 def _complete(folder: Path, key: str) -> bool:

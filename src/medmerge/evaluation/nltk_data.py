@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError, MedmergeError
+from ..runtime import cache_root
 
 PUNKT_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
 WORDNET_FILES = (
@@ -123,7 +124,7 @@ def ensure_punkt() -> Path:
     try:
         install_punkt_tab(root)
     except OSError:
-        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medmerge" / "nltk_data"
+        root = cache_root() / "nltk_data"
         if not punkt_available(root):
             install_punkt_tab(root)
         os.environ["MEDMERGE_NLTK_DATA"] = str(root)

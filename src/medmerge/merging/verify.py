@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import random
+import threading
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +19,7 @@ import yaml
 from ..errors import InputError
 from ..io.checkpoint import Checkpoint
 from ..io.fingerprint import sha256_file
-from ..runtime import track
+from ..runtime import cache_root, track
 from ..settings import load_yaml
 from .compute import all_finite, merge_tensor, row_chunks
 from .config import parse_config
@@ -119,10 +124,22 @@ class ConfigShapes:
 
     @classmethod
     def from_config(cls, config: dict) -> "ConfigShapes":
+        """The shapes, from the cache (`config_shapes/` in medmerge's cache folder, keyed by the config and the
+        installed transformers and torch versions) or built now (importing transformers: about a second, the
+        largest fixed cost of a small merge) and cached for the next merge of that architecture."""
+        config = {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")}
+        key = hashlib.sha256(json.dumps([config, version("transformers"), torch.__version__], sort_keys=True,
+                                        default=str).encode()).hexdigest()[:24]
+        cached = cache_root() / "config_shapes" / f"{key}.json"
+        try:
+            hit = json.loads(cached.read_text())
+            return cls(shapes={k: tuple(v) for k, v in hit["shapes"].items()}, tied=bool(hit["tied"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
         try:  # deferred: transformers takes seconds to import, and an unknown architecture is only noted
             from transformers import AutoConfig, AutoModelForCausalLM
 
-            config = {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")}
+            config = dict(config)
             model_type = config.pop("model_type")
             cfg = AutoConfig.for_model(model_type, **config)
             with torch.device("meta"):
@@ -130,7 +147,15 @@ class ConfigShapes:
         except Exception as e:  # noqa: BLE001 - unknown architectures are only noted
             return cls(note=f"shapes not checked against transformers ({type(e).__name__}: {e})")
         shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-        return cls(shapes=shapes, tied=bool(getattr(cfg, "tie_word_embeddings", False)))
+        result = cls(shapes=shapes, tied=bool(getattr(cfg, "tie_word_embeddings", False)))
+        try:  # written whole under a private name, then renamed: concurrent merges never read half a file
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{threading.get_ident()}")
+            tmp.write_text(json.dumps({"shapes": shapes, "tied": result.tied}))
+            os.replace(tmp, cached)
+        except OSError:  # a read-only cache only costs the next merge the import
+            pass
+        return result
 
     def check(self, actual: dict[str, tuple], report: VerifyReport) -> None:
         if self.shapes is None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import shutil
 import time
@@ -35,6 +34,7 @@ from ..errors import MedmergeError
 from ..evaluation.runner import evaluate
 from ..io.writer import atomic_output_dir, check_output
 from ..merging.deltas import REAL_LLM_RELATIVE_NORM, fmt_cos, fmt_pct, task_vectors
+from ..runtime import cache_root
 from ..training.config import load_config
 from ..training.trainer import train
 from . import world
@@ -92,11 +92,6 @@ def code_version() -> str:
             if path.suffix in (".py", ".yaml") and path.is_file():
                 h.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
     return h.hexdigest()[:16]
-
-
-def cache_root() -> Path:
-    env = os.environ.get("MEDMERGE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "medmerge"
 
 
 def _mixed_text(parts: list[tuple[Path, float]], out: Path, seed: int) -> Path:
