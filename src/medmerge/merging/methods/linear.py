@@ -21,7 +21,8 @@ def linear(x: TensorInputs, p: dict) -> torch.Tensor:
                 f"linear: the weights of {x.name} sum to 0, so they cannot be normalized; "
                 "set `normalize: false` or change the weights"
             )
-        result.div_(total)
+        if total != 1:  # x / 1 is x exactly (IEEE): weights that already sum to 1 skip a full pass
+            result.div_(total)
     return result
 
 
