@@ -313,6 +313,7 @@ def test_punkt_tab_falls_back_to_a_user_cache_where_the_environment_is_read_only
     locked.mkdir(mode=0o555)
     monkeypatch.setenv("MEDMERGE_NLTK_DATA", str(locked / "nltk_data"))
     monkeypatch.setenv("NLTK_DATA", "")
+    monkeypatch.delenv("MEDMERGE_CACHE", raising=False)  # medmerge's cache folder then follows XDG_CACHE_HOME
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     root = nltk_data.ensure_punkt()
     assert root == tmp_path / "cache" / "medmerge" / "nltk_data" and nltk_data.punkt_available(root)
