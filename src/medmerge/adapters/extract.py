@@ -51,7 +51,7 @@ from ..io.fingerprint import EXTRACT_RECORD, fingerprint
 from ..io.folders import check_model, copy_support_files
 from ..io.stream import prefetch
 from ..io.writer import atomic_output_dir, check_output, output_path
-from ..merging.architecture import vocab_axis
+from ..merging.architecture import OUTPUT_HEADS, vocab_axis
 from ..merging.plan import check_architectures
 from ..merging.provenance import RECORDED_LIBRARIES
 from ..runtime import library_versions, resolve_device
@@ -60,7 +60,6 @@ from .lora import CONFIG_NAME, PREFIX, WEIGHTS_NAME, peft_lora_config
 
 FACTOR_DTYPES = ("float32", "bfloat16", "float16")
 SVD_DTYPES = ("float64", "float32")
-OUTPUT_HEADS = ("lm_head.weight", "embed_out.weight")  # vocabulary-indexed, but nn.Linear: linear LoRA
 CONV1D_MODEL_TYPES = ("gpt2",)  # weights stored (in, out) in transformers' Conv1D, not nn.Linear
 ENERGY_SLACK = 1e-12  # an energy within this of the asked fraction reaches it (float64 rounding of cumsum)
 COMMAND = "medmerge adapters extract"

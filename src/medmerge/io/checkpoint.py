@@ -156,10 +156,14 @@ def split_lora_ref(ref: str, relative_to: Optional[Path] = None) -> Optional[tup
     return "+".join(parts[:k]), "+".join(parts[k:])
 
 
+def _candidates(ref: str, relative_to: Optional[Path]) -> list[Path]:
+    """Where a reference may point: as given, then relative to the config's folder."""
+    return [Path(ref).expanduser()] + ([relative_to / ref] if relative_to is not None and
+                                       not Path(ref).is_absolute() else [])
+
+
 def _existing(ref: str, relative_to: Optional[Path]) -> Optional[Path]:
-    candidates = [Path(ref).expanduser()] + ([relative_to / ref] if relative_to is not None and
-                                             not Path(ref).is_absolute() else [])
-    return next((p for p in candidates if p.is_dir()), None)
+    return next((p for p in _candidates(ref, relative_to) if p.is_dir()), None)
 
 
 def resolve_model_path(ref: str, relative_to: Optional[Path] = None) -> Path:
@@ -174,12 +178,10 @@ def resolve_model_path(ref: str, relative_to: Optional[Path] = None) -> Path:
             raise InputError(f"model {ref!r}: a 'model+lora' reference needs medmerge's adapter layer; import "
                              "medmerge (or medmerge.adapters) before merging")
         return LORA_RESOLVER[0](model, adapter)
-    candidates = [Path(ref).expanduser()]
-    if relative_to is not None and not Path(ref).is_absolute():
-        candidates.append(relative_to / ref)
-    for path in candidates:
-        if path.is_dir():
-            return path.resolve()
+    candidates = _candidates(ref, relative_to)
+    found = _existing(ref, relative_to)
+    if found is not None:
+        return found.resolve()
     for path in candidates:
         if path.is_file():
             raise InputError(f"model {ref!r} is a file; pass the model folder that holds it ({path.parent}), with its "

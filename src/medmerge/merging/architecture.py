@@ -24,6 +24,9 @@ VOCAB_TENSOR_SUFFIXES = (
     "embed_out.weight",
 )
 
+# Vocabulary-indexed output heads (nn.Linear, unlike the embeddings).
+OUTPUT_HEADS = ("lm_head.weight", "embed_out.weight")
+
 # Output head -> the embedding it is tied to when the checkpoint omits it.
 TIED_ALIASES = {
     "lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight"),

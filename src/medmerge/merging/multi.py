@@ -6,7 +6,7 @@ slice sources, `tokenizer_source`). The one document without a name is the final
 Merges run in dependency order; a cycle, a duplicated name or a name that is not a plain folder name is
 refused before anything is merged.
 
-Intermediates are cached: INTERMEDIATE/NAME holds `medmerge_multi.json` with the sha256 of its document (its
+Intermediates are cached: INTERMEDIATE/NAME holds `medmerge_multi.json` (written inside the atomic output) with the sha256 of its document (its
 references resolved) and the fingerprints of its inputs. A re-run reuses an intermediate whose document and
 inputs are unchanged, after `verify` recomputes a sample of its tensors; one that changed is merged again. A
 folder at INTERMEDIATE/NAME that medmerge did not write there is never replaced.
@@ -157,17 +157,17 @@ def merge_chain(config_path: Union[str, Path], out: Union[str, Path], *, interme
     inter = Path(intermediate).expanduser().absolute() if intermediate else out.with_name(out.name + ".intermediate")
     steps = plan_steps(read_documents(config_path), inter, str(config_path))
     for step in steps:  # every document parses before anything is merged
-        try:
-            parse_config(step.config, f"{config_path} ({step.name or 'final merge'})")
-        except ConfigError as e:
-            raise ConfigError(str(e)) from None
+        parse_config(step.config, f"{config_path} ({step.name or 'final merge'})")
     relative_to = config_path.resolve().parent
     results = []
     for step in steps:
-        target = out if step.name is None else inter / step.name
+        if step.name is None:  # the final merge: never reused, so its inputs need no fingerprints
+            results.append(merge(_with_base(step.config, relative_to), out, force=force, **merge_kwargs))
+            continue
+        target = inter / step.name
         record = {"name": step.name, "config_sha256": _doc_hash(step.config),
                   "inputs": _inputs_fingerprint(step.config, relative_to)}
-        if step.name is not None and target.exists():
+        if target.exists():
             previous = target / RECORD
             if not previous.is_file():
                 raise MedmergeError(f"{target} exists but was not written by this chain (no {RECORD}); medmerge "
@@ -182,12 +182,10 @@ def merge_chain(config_path: Union[str, Path], out: Union[str, Path], *, interme
                 note(f"intermediate {step.name!r}: {target} failed verification; merging it again")
             else:
                 note(f"intermediate {step.name!r}: its config or inputs changed; merging it again into {target}")
-        if step.name is not None:
-            inter.mkdir(parents=True, exist_ok=True)
+        inter.mkdir(parents=True, exist_ok=True)
         # an intermediate found above is this chain's own (its record says so): replacing it is safe
-        result = merge(_with_base(step.config, relative_to), target, force=force or step.name is not None,
-                       extra_files={RECORD: json.dumps(record, indent=2) + "\n"}, **merge_kwargs)
-        results.append(result)
+        results.append(merge(_with_base(step.config, relative_to), target, force=True,
+                             extra_files={RECORD: json.dumps(record, indent=2) + "\n"}, **merge_kwargs))
     return results
 
 

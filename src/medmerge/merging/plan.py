@@ -420,10 +420,10 @@ def build_plan(
     alignment = _vocab_alignment(config, models, refs, base, names, sources, trust_remote_code)
 
     load_dtype = torch_dtype(config.dtype)
-    wide = load_dtype == torch.float64 or any(r.dtype == "F64" for m in models for r in m.records.values())
+    entries = model_entries(config)  # once, not per tensor
     tensors = [
         _tensor_plan(name, method, config, models, refs, reference, method_base, sources, alignment, n_layers,
-                     torch_dtype(config.out_dtype) or load_dtype)
+                     torch_dtype(config.out_dtype) or load_dtype, entries=entries)
         for name in names
     ]
     return MergePlan(
@@ -435,7 +435,7 @@ def build_plan(
         reference=reference,
         tensors=tensors,
         seed=config.random_seed if config.random_seed is not None else 0,
-        work_dtype=torch.float64 if wide else torch.float32,
+        work_dtype=work_dtype(config, models),
         load_dtype=load_dtype,
         vocab=alignment,
         ignored_tensors=ignored,
@@ -512,6 +512,20 @@ def _layer_count(models: list[ModelSource], refs: list[str], reference: int) -> 
     return layer_counts[reference]
 
 
+def source_name(model: ModelSource, name: str) -> Optional[str]:
+    """The tensor `model` holds for output tensor `name`: itself, or the embedding a tied head reads; None."""
+    if name in model.records:
+        return name
+    return next((a for a in arch.TIED_ALIASES.get(name, ()) if a in model.records), None)
+
+
+def work_dtype(config: MergeConfig, models: list[ModelSource]) -> torch.dtype:
+    """float64 when the config loads in float64 or any input holds float64 tensors; float32 otherwise."""
+    wide = torch_dtype(config.dtype) == torch.float64 or any(r.dtype == "F64" for m in models
+                                                              for r in m.records.values())
+    return torch.float64 if wide else torch.float32
+
+
 def _tensor_sources(models: list[ModelSource], refs: list[str], reference: int
                     ) -> tuple[list[str], list[dict[str, str]], list[str]]:
     """(output tensor names in the reference's file order, per model the tensor to read for each, ignored names).
@@ -525,10 +539,7 @@ def _tensor_sources(models: list[ModelSource], refs: list[str], reference: int
     for m, ref in zip(models, refs):
         mapping = {}
         for name in names:
-            if name in m.records:
-                mapping[name] = name
-                continue
-            alias = next((a for a in arch.TIED_ALIASES.get(name, ()) if a in m.records), None)
+            alias = source_name(m, name)
             if alias is None:
                 raise InputError(
                     f"model {ref} has no tensor {name!r} (present in {refs[reference]}); "
@@ -650,10 +661,12 @@ def _layers_of(model: ModelSource) -> dict[int, dict[str, str]]:
     return out
 
 
+PRE_LAYER_PARTS = ("embed", "wte.", "wpe.")  # token and position embeddings (llama, gpt2, ...)
+
+
 def _is_pre(name: str) -> bool:
     """Tensors before the layers (token and position embeddings); the rest (final norm, head) come after."""
-    return "embed" in name and not name.endswith(("lm_head.weight", "embed_out.weight")) or ".wte." in name \
-        or ".wpe." in name or name.startswith(("wte.", "wpe."))
+    return any(part in name for part in PRE_LAYER_PARTS) and not name.endswith(arch.OUTPUT_HEADS)
 
 
 def _build_slice_plan(config: MergeConfig, method, models: list[ModelSource], refs: list[str],
@@ -686,39 +699,33 @@ def _build_slice_plan(config: MergeConfig, method, models: list[ModelSource], re
     outside = [n for n in ordered if _layer_template(n) is None]
     tensors: list[TensorPlan] = []
     layer_sources: list[tuple[int, int]] = []
+    per_slice = [slice_inputs(config, k, method) for k in range(len(config.slices))]  # checked once per slice
+    slice_models = [[ref_index(refs, ref) for ref, _ in entries] for entries, _, _ in per_slice]
 
     def add(out_name: str, k: int, names: list[str], t: float) -> None:
-        entries, slice_base, scopes = slice_inputs(config, k, method)
-        inputs = [ref_index(refs, e[0]) for e in entries]
-        sub_models = [models[i] for i in inputs]
-        sources = [{out_name: n} for n in names]
-        tp = _tensor_plan(out_name, method, config, sub_models, [refs[i] for i in inputs], 0 if slice_base is None
-                          else slice_base, slice_base, sources, None, 0, out_dtype_cfg, t=t, entries=entries,
-                          scopes=scopes, label=f"tensor {out_name} (slices[{k}])")
+        (entries, slice_base, scopes), inputs = per_slice[k], slice_models[k]
+        tp = _tensor_plan(out_name, method, config, [models[i] for i in inputs], [refs[i] for i in inputs],
+                          slice_base or 0, slice_base, [{out_name: n} for n in names], None, 0, out_dtype_cfg, t=t,
+                          entries=entries, scopes=scopes, label=f"tensor {out_name} (slices[{k}])")
         tp.inputs, tp.base = inputs, slice_base
         tensors.append(tp)
 
     def outside_names(k: int, name: str) -> list[str]:
-        names = []
-        for src in config.slices[k].sources:
-            m = models[ref_index(refs, src.model)]
-            alias = name if name in m.records else next((a for a in arch.TIED_ALIASES.get(name, ()) if a in m.records),
-                                                        None)
-            if alias is None:
+        names = [source_name(models[i], name) for i in slice_models[k]]
+        for src, found in zip(config.slices[k].sources, names):
+            if found is None:
                 raise InputError(f"model {src.model} has no tensor {name!r} (present in {refs[reference]}), which "
                                  f"slices[{k}] merges; the inputs must share one architecture")
-            names.append(alias)
         return names
 
     for name in (n for n in outside if _is_pre(n)):
         add(name, 0, outside_names(0, name), 0.0)
-    out_layer = 0
     for k, sl in enumerate(config.slices):
         n = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        first_model = models[slice_models[k][0]]
         for i in range(n):
             per_source = []
-            for src in sl.sources:
-                mi = ref_index(refs, src.model)
+            for src, mi in zip(sl.sources, slice_models[k]):
                 held = layers[mi].get(src.layer_range[0] + i)
                 if held is None:
                     raise InputError(f"model {src.model} holds no tensors of layer {src.layer_range[0] + i}, which "
@@ -732,26 +739,21 @@ def _build_slice_plan(config: MergeConfig, method, models: list[ModelSource], re
                                      f"{sl.sources[0].layer_range[0] + i} of {sl.sources[0].model} hold different "
                                      f"tensors (e.g. {odd!r}); the sources must share one architecture")
             t = i / (n - 1) if n > 1 else 1.0
-            for template in sorted(first, key=lambda tmpl: (str(models[ref_index(refs, sl.sources[0].model)]
-                                                                 .records[first[tmpl]].file),
-                                                             models[ref_index(refs, sl.sources[0].model)]
-                                                             .records[first[tmpl]].start)):
+            out_layer = len(layer_sources)
+            for template in sorted(first, key=lambda tmpl: (str(first_model.records[first[tmpl]].file),
+                                                             first_model.records[first[tmpl]].start)):
                 add(template.format(out_layer), k, [held[template] for held in per_source], t)
-            layer_sources.append((ref_index(refs, sl.sources[0].model), sl.sources[0].layer_range[0] + i))
-            out_layer += 1
-    last = len(config.slices) - 1
+            layer_sources.append((slice_models[k][0], sl.sources[0].layer_range[0] + i))
     for name in (n for n in outside if not _is_pre(n)):
-        add(name, last, outside_names(last, name), 0.0)
+        add(name, len(config.slices) - 1, outside_names(len(config.slices) - 1, name), 0.0)
     _check_filters(config, [tp.name for tp in tensors])
     used = {n for tp in tensors for n in tp.sources}
-    ignored = sorted({n for m in models for n in m.records} - used)
-    wide = torch_dtype(config.dtype) == torch.float64 or any(r.dtype == "F64" for m in models
-                                                              for r in m.records.values())
     return MergePlan(
         config=config, method=method, models=models, model_refs=refs,
         base=base if base is not None and method.spec.base != "ignored" else None, reference=reference,
         tensors=tensors, seed=config.random_seed if config.random_seed is not None else 0,
-        work_dtype=torch.float64 if wide else torch.float32, load_dtype=torch_dtype(config.dtype),
-        vocab=None, ignored_tensors=[n for n in ignored if _layer_template(n) is None],  # unsliced layers: meant
+        work_dtype=work_dtype(config, models), load_dtype=torch_dtype(config.dtype), vocab=None,
+        # tensors outside the layers that no slice reads (layers left out of every slice are meant to be)
+        ignored_tensors=sorted(n for n in {n for m in models for n in m.records} - used if _layer_template(n) is None),
         layer_sources=layer_sources,
     )

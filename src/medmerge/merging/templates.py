@@ -96,16 +96,13 @@ def _special(folder: Path, kind: str) -> tuple[Optional[str], list[int]]:
     return token, ids
 
 
-def _eos(folder: Path) -> tuple[Optional[str], list[int]]:
-    return _special(folder, "eos")
-
 
 def stopping_problems(out: Path, base: Optional[Path]) -> list[str]:
     """What would keep generation from stopping with OUT's tokenizer, template and generation config."""
     problems = []
-    token, ids = _eos(out)
+    token, ids = _special(out, "eos")
     if base is not None:
-        base_token, base_ids = _eos(base)
+        base_token, base_ids = _special(base, "eos")
         if base_token != token:
             problems.append(f"the output's EOS token is {token!r}, the base's {base_token!r}: check that generation "
                             "stops (generation_config.json's eos_token_id)")
