@@ -417,3 +417,23 @@ def test_a_bad_storage_stops_the_sweep_before_the_references_are_evaluated(sweep
         run(sweep_family / "sweep.yaml", tmp_path / "run", search="optuna", trials=2,
             storage=f"sqlite:///{tmp_path / 'nowhere' / 'study.db'}", progress=False)
     assert calls == [] and not (tmp_path / "nowhere").exists()
+
+
+def test_a_stale_trial_failed_by_two_workers_is_retried_once(tmp_path):
+    """On sqlite two workers can both fail one stale trial (optuna's check-and-set lets both through), and each
+    then runs the stale-trial callback: it queues the retry under the storage's lock, once."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from medmerge.experiments.sweep.search import _retry_stale
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=url, directions=["maximize", "maximize"])
+    trial = study.ask({"t": optuna.distributions.FloatDistribution(0, 1)})
+    study.tell(trial, state=TrialState.FAIL)
+    failed = study.get_trials(deepcopy=True)[0]
+    callback = _retry_stale(4, url)
+    callback(study, failed)
+    callback(study, failed)  # the second worker
+    retries = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == failed.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.WAITING and retries[0].params == failed.params

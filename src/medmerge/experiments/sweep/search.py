@@ -142,7 +142,7 @@ def open_study(search: Search, out: Path, seed: int, worker: int):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             rdb = optuna.storages.RDBStorage(storage, engine_kwargs=kw, skip_table_creation=True,
                                              heartbeat_interval=search.heartbeat, grace_period=2 * search.heartbeat,
-                                             heartbeat_stale_trial_callback=_retry_stale(2 * search.heartbeat))
+                                             heartbeat_stale_trial_callback=_retry_stale(2 * search.heartbeat, storage))
         with _schema_lock(storage):
             study = _create_or_load(search.study, rdb, sampler)
         study.set_user_attr("objectives", ["if_score", "clinical_score"])
@@ -213,23 +213,27 @@ STALE_RETRIES = 1
 WAIT_POLL_MAX_S = 2  # a worker waiting for a slot looks at the study every min(heartbeat / 2, this) seconds
 
 
-def _retry_stale(grace: int):
+def _retry_stale(grace: int, storage: str):
     """The storage's stale-trial callback: say which trial was failed, and queue it again (up to STALE_RETRIES).
 
     optuna's RetryHeartbeatStaleTrialCallback adds a WAITING trial with the failed one's parameters (a new
-    number); the next worker's `study.ask()` takes it. Exactly one worker runs this per stale trial: the
-    others' attempt to fail it finds it finished already.
+    number); the next worker's `study.ask()` takes it. Several workers may fail the same stale trial at once
+    (on sqlite optuna's check-and-set lets two succeed), so the retry is queued under the storage's lock
+    (`_schema_lock`) and only when no trial retries it yet: one retry per failed trial, said once.
     """
     import optuna
 
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=STALE_RETRIES)
 
     def stale(study, trial) -> None:
-        again = len(trial.system_attrs.get("retry_history", [])) < STALE_RETRIES
-        note(f"optuna trial {trial.number} failed: its worker sent no heartbeat for {grace} s (killed, or its "
-             f"machine lost); " + ("it is queued again with the same parameters" if again else
-                                   f"it was a retry already ({STALE_RETRIES} at most): it is not queued again"))
-        retry(study, trial)
+        with _schema_lock(storage):
+            if any(t.system_attrs.get("failed_trial") == trial.number for t in study.get_trials(deepcopy=False)):
+                return  # another worker failed it too, and queued its retry already
+            again = len(trial.system_attrs.get("retry_history", [])) < STALE_RETRIES
+            note(f"optuna trial {trial.number} failed: its worker sent no heartbeat for {grace} s (killed, or its "
+                 f"machine lost); " + ("it is queued again with the same parameters" if again else
+                                       f"it was a retry already ({STALE_RETRIES} at most): it is not queued again"))
+            retry(study, trial)
 
     return stale
 
