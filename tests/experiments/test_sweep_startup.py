@@ -437,3 +437,31 @@ def test_a_stale_trial_failed_by_two_workers_is_retried_once(tmp_path):
     callback(study, failed)  # the second worker
     retries = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == failed.number]
     assert len(retries) == 1 and retries[0].state == TrialState.WAITING and retries[0].params == failed.params
+
+
+def test_a_trial_has_a_heartbeat_before_its_evaluation_starts(tmp_path, monkeypatch):
+    """optuna never fails a RUNNING trial that has no heartbeat yet, and its heartbeat thread writes the first one
+    a moment after the trial starts: a worker killed in between would leave the trial running for ever. With the
+    thread silenced here, the beat medmerge writes itself must already be there when the evaluation starts."""
+    import sqlite3
+
+    import optuna.study._optimize as optimize_module
+    from optuna.storages._heartbeat import NullHeartbeatThread
+
+    from medmerge.experiments.sweep.search import run_search
+
+    monkeypatch.setattr(optimize_module, "get_heartbeat_thread", lambda *a, **k: NullHeartbeatThread())
+    db = tmp_path / "study.db"
+    beats = []
+
+    class Checked(FakeSweep):
+        def score(self, point, sel):
+            with sqlite3.connect(db) as conn:
+                beats.append(conn.execute("SELECT COUNT(*) FROM trial_heartbeats").fetchone()[0])
+            return super().score(point, sel)
+
+    cfg = _search_config(f"sqlite:///{db}", 60)
+    cfg.search.trials = 2
+    fake = Checked()
+    rows, info = run_search(cfg, fake, fake, tmp_path, None, SweepLog(tmp_path / "sweep.jsonl"), progress=False)
+    assert info["completed"] == 2 and beats == [1, 2]

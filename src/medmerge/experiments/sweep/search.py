@@ -294,6 +294,10 @@ def run_search(cfg: SweepConfig, ev: SweepEvaluator, scorer, out: Path, sel: Sel
     logging.getLogger("optuna").setLevel(logging.WARNING)
 
     def objective(trial):
+        # optuna's heartbeat thread writes its first beat a moment after the trial starts, and a trial with no
+        # beat is never failed as stale: a worker killed in between would leave it RUNNING for ever (the others
+        # waiting on it). One beat written here, before any work, closes that window.
+        trial.storage.record_heartbeat(trial._trial_id)
         if _budget_rank(study, trial) >= search.trials:  # another worker took the last slot meanwhile
             trial.set_user_attr("pruned_because", "the study's trial budget was reached")
             raise optuna.TrialPruned()
