@@ -742,6 +742,6 @@ def test_arcee_fusion_samples_quartiles_of_large_tensors_from_the_tensor_seed():
     assert abs((other_seed != base).double().mean().item() - kept) < 0.01  # another sample, about the same share
 
 
-def test_the_registry_has_twenty_methods():
-    assert len(methods.REGISTRY) == 20
-    assert {"multislerp", "karcher", "sce", "ram", "ramplus_tl", "nearswap", "arcee_fusion"} <= set(methods.REGISTRY)
+def test_the_registry_lists_every_method():
+    assert len(methods.REGISTRY) == 22
+    assert {"multislerp", "karcher", "sce", "ram", "ramplus_tl", "nearswap", "arcee_fusion", "regmean", "fisher"} <= set(methods.REGISTRY)

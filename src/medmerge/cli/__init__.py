@@ -7,7 +7,7 @@ One file per command group; `common.command` turns errors into exit codes for al
 from . import merge  # noqa: F401, I001  (merge, verify, methods)
 from . import gguf  # noqa: F401  (import-gguf)
 from . import evaluate  # noqa: F401  (eval, compare, tasks, setup-nltk)
-from . import train  # noqa: F401  (train)
+from . import train  # noqa: F401  (train, stats)
 from . import miniclinic  # noqa: F401  (miniclinic build)
 from . import adapters  # noqa: F401  (adapters merge)
 from . import medcare  # noqa: F401  (medcare stage1 | stage2 | export)

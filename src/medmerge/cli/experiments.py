@@ -1,4 +1,5 @@
-"""`medmerge demo`, `medmerge sweep`, `medmerge fewshot`, `medmerge report`, `medmerge pipeline ...`."""
+"""`medmerge demo`, `medmerge sweep`, `medmerge compare-methods`, `medmerge fewshot`, `medmerge report`,
+`medmerge pipeline ...`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import typer
 from ..experiments import medcare_vs_lora, real, two_stage_lora
 from ..experiments.demo import run_demo
 from ..experiments.fewshot import run as run_fewshot
+from ..experiments.methods_compared import run as run_methods_compared
 from ..experiments.report import write_report
 from ..experiments.sweep.run import run as run_sweep
 from .app import app, pipeline_app
@@ -66,6 +68,25 @@ def sweep_cmd(
     console.print(f"{summary['points']} points, {e['run']} evaluations run, {e['cached']} from cache -> {out}")
     if summary.get("exported"):
         console.print(f"best merge written to {summary['exported']['path']}")
+
+
+@command(app, "compare-methods", interrupted="finished evaluations are cached in OUT/cache; run again to resume")
+def compare_methods_cmd(
+    config: Path = typer.Argument(..., help="comparison YAML (see examples/methods_compared_miniclinic.yaml)"),
+    out: Path = typer.Argument(..., help="run folder (methods_compared.json/.md/.png, cache/)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="KEY=VALUE overrides, e.g. split.dev=8"),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="result cache folder (default OUT/cache; shareable "
+                                         "with sweeps of the same models)"),
+    force: bool = typer.Option(False, "--force", help="drop OUT's cached results and start over"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Every merge method, its setting chosen on dev documents, judged on held-out ones with the same budget."""
+    result = run_methods_compared(config, out, overrides=overrides or [], force=force, cache=cache,
+                                  progress=not quiet)
+    stdout.print(result.markdown)
+    e = result["evaluations"]
+    console.print(f"{len(result['chosen'])} methods compared, {len(result['left_out'])} left out; {e['run']} "
+                  f"evaluations run, {e['cached']} from cache -> {out}")
 
 
 @command(app, "fewshot", interrupted="finished steps are kept in OUT; run again to continue")

@@ -3,7 +3,8 @@
 It gathers what it finds under RUN_DIR: a demo record (`demo.json`: the forgetting
 table), sweeps (`sweep_summary.json` + `sweep.jsonl`: the models table with
 `medmerge compare`'s retention columns, score against t per method, the Pareto
-plot), few-shot runs (`fewshot.json`: curves and the claim), two-stage LoRA runs
+plot), methods comparisons (`methods_compared.json`: the held-out table, what it
+says, the plot), few-shot runs (`fewshot.json`: curves and the claim), two-stage LoRA runs
 (`results.json`: loss curves and decoding tables), decoding grids
 (`decoding.json`), and the configuration and library versions of each.
 Both files are built from one list of sections, so they say the same thing.
@@ -28,6 +29,7 @@ from ..merging.deltas import fmt_cos, fmt_pct
 from ..io.records import read_jsonl
 from ..io.writer import current_umask
 from .analysis import decoding_table
+from .methods_compared import methods_table, summary_paragraphs
 from .rundir import resolved_name
 from .two_stage_lora import render as render_two_stage
 
@@ -155,6 +157,27 @@ def sweep_sections(folder: Path, run: Path) -> list[Section]:
     return out
 
 
+def methods_compared_sections(folder: Path, run: Path) -> list[Section]:
+    """`medmerge compare-methods`: the held-out table, what it says, the plot, the methods left out."""
+    res = _read(folder / "methods_compared.json")
+    rel = folder.relative_to(run).as_posix() if folder != run else "."
+    split = res["split"]
+    sec = Section(f"Merge methods compared ({rel})", paragraphs=[
+        f"Every method's setting chosen on {split['dev']} dev documents per task ({res['select']['rule']}), then "
+        f"scored on held-out documents disjoint from them (split seed {split['seed']}). IF retained and clinical "
+        "gain kept as `medmerge compare`; 95% paired bootstrap intervals over the held-out documents; vs best: the "
+        "paired difference from the best method, \"within noise\" when its interval contains 0.",
+        *summary_paragraphs(res),
+        "Left out: " + ("; ".join(f"{x['method']} ({x['reason']})" for x in res["left_out"]) or "none") + "."],
+        tables=[methods_table(res)])
+    if (folder / "methods_compared.png").is_file():
+        sec.images.append((folder / "methods_compared.png", "IF retained against clinical gain kept on the held-out "
+                           "documents: one point per method (its chosen setting) with both 95% intervals; stars are "
+                           "the references."))
+    return [sec, _config_section(f"Methods comparison configuration ({rel})", _recorded_config(folder, "methods_compared"),
+                                 res.get("versions"))]
+
+
 def mergeability_section(tv: dict, title: str) -> Section:
     """The task-vector table (merging.deltas) as a report section."""
     rows = [[name, fmt_pct(m["non_embedding"]["relative_norm"]), fmt_pct(m["embedding"]["relative_norm"]),
@@ -235,6 +258,9 @@ def collect(run: Path) -> list[Section]:
     for p in found:
         if p.name == "sweep_summary.json":
             sections += _built(sweep_sections, f"{p} (or a row of its sweep.jsonl)", p.parent, run)
+    for p in found:
+        if p.name == "methods_compared.json":
+            sections += _built(methods_compared_sections, p, p.parent, run)
     for p in found:
         if p.name == "fewshot.json":
             sections += _built(fewshot_sections, p, p.parent, run)
@@ -324,8 +350,8 @@ def write_report(run: str | Path, *, title: Optional[str] = None, force: bool = 
         raise InputError(f"{run} is not a folder; pass a run folder written by medmerge demo, sweep, fewshot or pipeline")
     sections = collect(run)
     if not sections:
-        raise InputError(f"{run} holds nothing to report: no demo.json, sweep_summary.json, fewshot.json, two-stage "
-                         "results.json or decoding.json under it")
+        raise InputError(f"{run} holds nothing to report: no demo.json, sweep_summary.json, methods_compared.json, "
+                         "fewshot.json, two-stage results.json or decoding.json under it")
     html_file, md_file = run / "report.html", run / "report.md"
     for f in (html_file, md_file):
         if f.is_symlink() or (f.exists() and not f.is_file()):

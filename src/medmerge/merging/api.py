@@ -63,7 +63,7 @@ def load_plan(
     cfg = config if isinstance(config, MergeConfig) else parse_config(config)
     refs, _ = input_refs(cfg)
     models = open_models(refs, allow_pickle=allow_pickle, relative_to=relative_to)
-    return build_plan(cfg, models, trust_remote_code=trust_remote_code)
+    return build_plan(cfg, models, trust_remote_code=trust_remote_code, relative_to=relative_to)
 
 
 def merge(

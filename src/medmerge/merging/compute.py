@@ -74,7 +74,8 @@ def merge_loaded(
     work = [t.to(device=device) for t in tensors]
     owned = owned or all(w.data_ptr() != t.data_ptr() for w, t in zip(work, tensors))
     tensors.clear()
-    inputs = TensorInputs(work, plan.base_of(tp), tp.model_params, name=tp.name, seed=plan.seed, owned=owned)
+    inputs = TensorInputs(work, plan.base_of(tp), tp.model_params, name=tp.name, seed=plan.seed, owned=owned,
+                          stats=load_stats(plan, tp, device))
     del work
     try:
         result = plan.method(inputs, tp.global_params)
@@ -88,6 +89,16 @@ def merge_loaded(
             "(for example weights that sum to zero with normalize: true)"
         )
     return result
+
+
+def load_stats(plan: MergePlan, tp: TensorPlan, device: Optional[torch.device] = None
+               ) -> Optional[list[torch.Tensor]]:
+    """Each input's statistics of `tp` (methods with `MethodSpec.stats`), or None when it has none."""
+    if not tp.stats:
+        return None
+    kind = plan.method.spec.stats
+    return [plan.stats[i].read(kind, src).to(device=device)
+            for i, src in zip(plan.inputs_of(tp), tp.sources)]
 
 
 def _identical(plan: MergePlan, tp: TensorPlan, tensors: list[torch.Tensor]) -> torch.Tensor:

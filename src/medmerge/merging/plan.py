@@ -20,6 +20,8 @@ from . import methods
 from .config import MergeConfig, evaluate_setting
 from ..errors import ConfigError, InputError
 from ..io.checkpoint import DTYPE_NAMES, Checkpoint, TensorRecord, resolve_model_path
+from ..io.fingerprint import fingerprint
+from ..io.stats import StatsFolder, expected_shape
 from ..runtime import note
 from .methods.base import GLOBAL, PER_NON_BASE, check_counts
 from .templates import check_chat_template
@@ -68,6 +70,7 @@ class TensorPlan:
     # None: every model, with the plan's base
     inputs: Optional[list[int]] = None
     base: Optional[int] = None
+    stats: bool = False  # every input has calibration statistics for it (methods with `MethodSpec.stats`)
 
     @property
     def nbytes(self) -> int:
@@ -90,6 +93,8 @@ class MergePlan:
     ignored_tensors: list[str] = field(default_factory=list)
     # `slices:` plans: each output layer's (model index, source layer), so the output config can be rewritten
     layer_sources: Optional[list[tuple[int, int]]] = None
+    # methods with `MethodSpec.stats`: each input's statistics folder, in the order of `models`
+    stats: Optional[list[StatsFolder]] = None
 
     def elementwise(self, tp: TensorPlan) -> bool:
         return tp.mergeable and not tp.vocab and self.method.spec.elementwise(tp.global_params, tp.model_params)
@@ -398,12 +403,19 @@ def build_plan(
     models: list[ModelSource],
     *,
     trust_remote_code: bool = False,
+    relative_to: Optional[Path] = None,
 ) -> MergePlan:
-    """Check `config` against its input models (headers and configs only) and plan every output tensor."""
+    """Check `config` against its input models (headers and configs only) and plan every output tensor.
+
+    `relative_to`: the folder relative paths in the config (statistics folders) are resolved against.
+    """
     method = check_config(config)
     refs, base = input_refs(config)
     if len(models) != len(refs):
         raise ConfigError(f"expected {len(refs)} input models, got {len(models)}")
+    if method.spec.stats and config.slices is not None:
+        raise ConfigError(f"method {method.spec.name!r} merges whole models with their statistics: list them under "
+                          "`models:`, not `slices:`")
     if config.slices is not None:
         return _build_slice_plan(config, method, models, refs, base)
     has_base = base is not None and method.spec.base != "ignored"
@@ -439,7 +451,63 @@ def build_plan(
         load_dtype=load_dtype,
         vocab=alignment,
         ignored_tensors=ignored,
+        stats=_open_stats(method, models, refs, tensors, relative_to) if method.spec.stats else None,
     )
+
+
+def _open_stats(method, models: list[ModelSource], refs: list[str], tensors: list[TensorPlan],
+                relative_to: Optional[Path]) -> list[StatsFolder]:
+    """Each input's statistics folder, checked: one folder per model, computed on that model, holding the
+    method's statistics of a tensor for every input or for none (then the tensor is averaged), shapes right.
+    Marks the tensors that have them (`TensorPlan.stats`)."""
+    kind, name = method.spec.stats, method.spec.name
+    folders = []
+    for i, (model, ref) in enumerate(zip(models, refs)):
+        given = {tp.model_params[i]["stats"] for tp in tensors if tp.mergeable}
+        if len(given) != 1:
+            raise ConfigError(f"method {name!r}: model {ref} needs one statistics folder (`stats`) for all its "
+                              f"tensors, got {len(given)}: {', '.join(sorted(given))}")
+        path = Path(given.pop()).expanduser()
+        if not path.is_absolute() and relative_to is not None and (relative_to / path).exists():
+            path = relative_to / path
+        folder = StatsFolder(path)
+        if kind not in folder.kinds:
+            raise InputError(f"{path} holds {', '.join(folder.kinds) or 'no'} statistics, and method {name!r} needs "
+                             f"{kind}: recompute them with `medmerge stats {ref} --data FILE --kinds {kind} --out "
+                             f"{path}`")
+        model_path = getattr(model, "path", None)
+        if model_path is not None:
+            recorded, actual = folder.record.get("model_fingerprint"), fingerprint(model_path)
+            if recorded != actual:
+                raise InputError(
+                    f"the statistics in {path} were computed on {folder.record.get('model')} (fingerprint "
+                    f"{str(recorded)[:12]}), not on input {ref} (fingerprint {actual[:12]}): statistics of another "
+                    f"model would weigh this one wrongly; compute them with `medmerge stats {ref} --data FILE "
+                    f"--out STATS`")
+        folders.append(folder)
+    for tp in tensors:
+        if not tp.mergeable:
+            continue
+        have = [folder.has(kind, src) for folder, src in zip(folders, tp.sources)]
+        if not any(have):
+            continue
+        if not all(have):
+            lacking = refs[have.index(False)]
+            raise InputError(f"tensor {tp.name!r} has {kind} statistics in some inputs but not in those of {lacking} "
+                             f"({folders[have.index(False)].path}): compute every model's statistics with the same "
+                             "`medmerge stats` settings")
+        if tp.vocab and kind != "gram":
+            raise ConfigError(f"method {name!r} cannot merge tensor {tp.name!r} across different vocabularies (its "
+                              "statistics' rows would need the same alignment); merge models that share a tokenizer")
+        for folder, src, ref, model in zip(folders, tp.sources, refs, models):
+            want = expected_shape(kind, model.records[src].shape)
+            got = folder.shape(kind, src)
+            if got != want:
+                raise InputError(f"{folder.path}: the {kind} statistics of tensor {src!r} have shape {list(got)}, "
+                                 f"and input {ref}'s tensor needs {list(want)}: these statistics belong to another "
+                                 "architecture; recompute them for this model")
+        tp.stats = True
+    return folders
 
 
 def _method(config: MergeConfig) -> methods.MergeMethod:

@@ -62,6 +62,10 @@ def resolved_config(plan: MergePlan) -> dict:
             {"model": paths[i], **({"parameters": m.parameters} if m.parameters else {})}
             for i, m in enumerate(cfg.models)
         ]
+        if plan.stats is not None:  # each model's statistics folder, absolute, in its own parameters
+            params.pop("stats", None)
+            for entry, folder in zip(out["models"], plan.stats):
+                entry["parameters"] = {**entry.get("parameters", {}), "stats": str(folder.path.resolve())}
     if cfg.base_model is not None:
         index = ref_index(plan.model_refs, cfg.base_model)
         out["base_model"] = paths[index] if index is not None else cfg.base_model
@@ -99,6 +103,9 @@ def write_provenance(plan: MergePlan, folder: Path, hashes: list[dict], stats: O
         "versions": library_versions(*RECORDED_LIBRARIES),
         "inputs": hashes,
         **({"stats": stats} if stats else {}),
+        **({"statistics": [{"folder": str(f.path.resolve()), **{k: f.record.get(k) for k in (
+            "model_fingerprint", "data", "data_sha256", "examples", "tokens", "kinds")}} for f in plan.stats]}
+           if plan.stats is not None else {}),
     }
     doc = {**resolved, PROVENANCE_KEY: record}
     (folder / "medmerge.yml").write_text(

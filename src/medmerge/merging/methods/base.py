@@ -160,6 +160,9 @@ class MethodSpec:
     # Constraints between parameters, given the resolved global parameters and (model, parameters)
     # of every input: why they do not fit together, or None. Checked for every tensor at plan time.
     check: Callable[[dict, list], str | None] = field(default=lambda g, m: None)
+    # calibration statistics each input must provide (`medmerge stats`: "gram" or "fisher"), named by the
+    # per-model parameter `stats`; None: a data-free method
+    stats: Optional[str] = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -188,6 +191,9 @@ class TensorInputs:
     # True when `tensors` are fresh working copies the kernel may overwrite
     # (streaming); False when the caller reuses them (in-memory sweeps).
     owned: bool = False
+    # each input's statistics for this tensor (methods with `MethodSpec.stats`), same order; None: the tensor
+    # has none (then such a method averages it)
+    stats: Optional[list[torch.Tensor]] = None
 
     @property
     def non_base(self) -> list[int]:
