@@ -135,16 +135,25 @@ def test_regmean_solves_the_weighted_least_squares_of_the_paper(calibrated, tmp_
         torch.testing.assert_close(out[name], (wa[name] + 3 * wb[name]) / 4, rtol=1e-6, atol=1e-7)
 
 
-def test_fisher_merge_is_the_fisher_weighted_mean(calibrated, tmp_path):
-    merge(_config(calibrated, "fisher", fisher_floor=1e-6), tmp_path / "out", progress=False)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_fisher_merge_is_the_fisher_weighted_mean(calibrated, tmp_path, normalize):
+    merge(_config(calibrated, "fisher", fisher_floor=1e-6, normalize=normalize), tmp_path / "out", progress=False)
     out = _weights(tmp_path / "out")
     wa, wb = (_weights(calibrated["models"][n]) for n in ("a", "b"))
     fa, fb = (StatsFolder(calibrated["stats"][n]) for n in ("a", "b"))
+    # normalize: each model's Fisher over its norm across every parameter (recomputed here from the tensors)
+    norm = {id(f): (sum(f.read("fisher", n[7:]).double().square().sum() for n in f.records
+                        if n.startswith("fisher/")) ** 0.5).item()
+            if normalize else None for f in (fa, fb)}
+    assert not normalize or norm[id(fa)] == pytest.approx(fa.record["fisher_norm"], rel=1e-6)
+    scale = {id(f): 1.0 / (norm[id(f)] + 1e-6) if normalize else 1.0 for f in (fa, fb)}
     for name in (Q, DOWN, "model.embed_tokens.weight", "model.norm.weight"):
-        ca = 1.0 * (fa.read("fisher", name).to(F64) + 1e-6)
-        cb = 3.0 * (fb.read("fisher", name).to(F64) + 1e-6)
+        ca = 1.0 * scale[id(fa)] * (fa.read("fisher", name).to(F64) + 1e-6)
+        cb = 3.0 * scale[id(fb)] * (fb.read("fisher", name).to(F64) + 1e-6)
         expected = (ca * wa[name].to(F64) + cb * wb[name].to(F64)) / (ca + cb)
         torch.testing.assert_close(out[name].to(F64), expected, rtol=1e-5, atol=1e-7)
+    if normalize:
+        return
     # rows of tokens no example used have Fisher 0 in both: the floor makes them the weighted mean
     unused = (fa.read("fisher", "model.embed_tokens.weight").sum(1) == 0) & \
         (fb.read("fisher", "model.embed_tokens.weight").sum(1) == 0)

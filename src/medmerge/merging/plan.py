@@ -507,6 +507,9 @@ def _open_stats(method, models: list[ModelSource], refs: list[str], tensors: lis
                                  f"and input {ref}'s tensor needs {list(want)}: these statistics belong to another "
                                  "architecture; recompute them for this model")
         tp.stats = True
+        if kind == "fisher":  # the whole-model norm that normalize needs, from each record
+            for mp, folder in zip(tp.model_params, folders):
+                mp["fisher_norm"] = folder.record.get("fisher_norm") or 0.0
     return folders
 
 

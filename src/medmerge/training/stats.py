@@ -216,9 +216,13 @@ def collect_stats(model: str | Path, data: str | Path, out: str | Path, *, kinds
         if missing:
             note(f"{len(missing)} linear layer(s) never ran on the calibration data and have no gram statistics "
                  f"(e.g. {missing[0]}); a RegMean merge averages them")
+    fisher_norm = None
     if fisher is not None:
+        square_sum = 0.0
         for name in sorted(fisher):
-            tensors[stats_key("fisher", name)] = fisher[name] / used
+            tensors[stats_key("fisher", name)] = value = fisher[name] / used
+            square_sum += float(value.double().square().sum())
+        fisher_norm = square_sum ** 0.5  # over every parameter: Fisher merging's normalize_fisher_weight
     record = {
         "format": FORMAT,
         "kinds": kinds,
@@ -233,6 +237,7 @@ def collect_stats(model: str | Path, data: str | Path, out: str | Path, *, kinds
         "tokens": tokens,
         "trained_tokens": trained,
         "fisher_examples": used if fisher is not None else None,
+        "fisher_norm": fisher_norm,
         "max_length": max_length,
         "dtype": dtype,
         "device": str(dev),

@@ -40,7 +40,7 @@ def regmean(x: TensorInputs, p: dict) -> torch.Tensor:
     alpha = p["reduce_non_diagonal_ratio"]
     total, rhs = None, None
     for weight, tensor, gram, wi in zip(x.tensors, x.tensors, x.stats, w.tolist()):
-        g = gram.to(dtype)
+        g = gram.to(dtype, copy=True)  # statistics are never overwritten
         if alpha != 1.0:  # G~ = alpha G + (1 - alpha) diag(G): off-diagonal entries scaled by alpha
             diag = torch.diagonal(g).clone()
             g.mul_(alpha)
@@ -62,9 +62,13 @@ def fisher(x: TensorInputs, p: dict) -> torch.Tensor:
     if x.stats is None:
         return _weighted_average(x, w)
     floor = p["fisher_floor"]
+    w = w.tolist()
+    if p["normalize"]:  # each model's Fisher scaled by 1 / its norm over the whole model (from the record)
+        inverse = [1.0 / (mp["fisher_norm"] + floor) for mp in x.model_params]
+        w = [wi * v / sum(inverse) for wi, v in zip(w, inverse)]
     num, den = None, None
-    for tensor, f, wi in zip(x.tensors, x.stats, w.tolist()):
-        coef = f.to(tensor.dtype).add_(floor).mul_(wi)
+    for tensor, f, wi in zip(x.tensors, x.stats, w):
+        coef = f.to(tensor.dtype, copy=True).add_(floor).mul_(wi)
         term = coef * tensor
         num = term if num is None else num.add_(term)
         den = coef if den is None else den.add_(coef)
@@ -102,10 +106,13 @@ FISHER = MergeMethod(
             _STATS,
             Param("fisher_floor", float, default=1e-6, domain=POSITIVE,
                   doc="epsilon added to every Fisher value (entries no model is sensitive to are averaged)"),
+            Param("normalize", bool, default=True, doc="scale each model's Fisher by 1 / (its norm over the "
+                  "whole model + epsilon), so no model dominates by scale (FusionBench's normalize_fisher_weight)"),
         ),
         base="ignored",
         stats="fisher",
-        formula="W = sum_i lambda_i (F_i + eps) W_i / sum_i lambda_i (F_i + eps), F_i the diagonal Fisher",
+        formula="W = sum_i c_i (F_i + eps) W_i / sum_i c_i (F_i + eps), F_i the diagonal Fisher, c_i = lambda_i "
+                "(normalize: lambda_i / (||F_i|| + eps), ||F_i|| over the whole model)",
         reference="https://arxiv.org/abs/2111.09832",
         memory="whole tensor plus each model's Fisher tensor (same shape)",
     ),
