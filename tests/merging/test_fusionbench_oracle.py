@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import medmerge
+from medmerge.errors import MedmergeError
 from medmerge.merging import methods
 from medmerge.merging.methods.base import TensorInputs
 from medmerge.merging.methods.subspace import iso_cts_sizes
@@ -178,3 +180,62 @@ def test_iso_cts_task_directions_lie_outside_the_common_subspace():
     torch.testing.assert_close(s, torch.full_like(s, float(s.mean())), rtol=1e-9, atol=1e-10)  # isotropic
     common, per_task = iso_cts_sizes(12, 2, 0.5)
     assert (common, per_task) == (6, 3)
+
+
+# ---------------------------------------------------------------- PCB-merging: the authors' code, whole model
+
+def _svd_models():
+    return {name: {t: TENSORS[f"input.svd.{name}.{t}"] for t in SVD_TENSORS} for name in
+            ("base", "task0", "task1", "task2")}
+
+
+@pytest.mark.parametrize("case,params", [
+    ("pcb_keysteps_r0p1", {"ratio": 0.1, "clamp_ratio": 0.0001}),
+    ("pcb_nlp_r0p2_lam1p2", {"ratio": 0.2, "clamp_ratio": 0.01, "lam": 1.2}),
+])
+def test_pcb_matches_the_authors_code_on_the_whole_model(case, params):
+    hp = CASES[case]["hyperparameters"]
+    assert hp.get("pcb_ratio", hp.get("att_ratio")) == params["ratio"] and hp["lam"] == params.get("lam", 1.0)
+    config = {"merge_method": "pcb", "base_model": "base", "parameters": params,
+              "models": [{"model": f"task{k}"} for k in range(3)], "dtype": "float64"}
+    out = medmerge.merge_state_dicts(config, _svd_models())
+    for name in SVD_TENSORS:
+        torch.testing.assert_close(out[name], TENSORS[f"case.{case}.out.{name}"], rtol=1e-12, atol=1e-12,
+                                   msg=f"{case} {name}")
+
+
+def test_pcb_statistics_are_whole_model_quantities_not_per_tensor():
+    from medmerge.merging.methods.pcb import ExactSelection
+
+    values = [_rand(50, seed=20), _rand(7, 3, seed=21), _rand(1000, seed=22) * 3]
+    flat = torch.cat([v.reshape(-1) for v in values])
+    sel = ExactSelection()
+    for v in values:
+        sel.count(v)
+    ks = [0, 1, 500, flat.numel() - 1]
+    sel.target(ks)
+    for v in reversed(values):  # any order
+        sel.collect(v)
+    assert sel.values() == [float(torch.sort(flat).values[k]) for k in ks]
+    # a merge of one tensor alone differs from the same tensor merged with the rest of the model
+    models = _svd_models()
+    alone = medmerge.merge_state_dicts(
+        {"merge_method": "pcb", "base_model": "base", "models": [{"model": f"task{k}"} for k in range(3)],
+         "dtype": "float64", "parameters": {"ratio": 0.2}},
+        {n: {"layer.weight": sd["layer.weight"]} for n, sd in models.items()})
+    whole = medmerge.merge_state_dicts(
+        {"merge_method": "pcb", "base_model": "base", "models": [{"model": f"task{k}"} for k in range(3)],
+         "dtype": "float64", "parameters": {"ratio": 0.2}}, models)
+    assert not torch.allclose(alone["layer.weight"], whole["layer.weight"])
+
+
+def test_pcb_refuses_a_setting_that_keeps_nothing_or_varies_by_tensor():
+    config = {"merge_method": "pcb", "base_model": "base", "models": [{"model": f"task{k}"} for k in range(3)],
+              "dtype": "float64"}
+    with pytest.raises(MedmergeError, match="same|one value"):
+        medmerge.merge_state_dicts({**config, "parameters": {"ratio": [{"filter": "wide", "value": 0.3},
+                                                                       {"value": 0.2}]}}, _svd_models())
+    models = _svd_models()
+    models["task1"] = dict(models["base"])  # a task vector of zeros: nothing to clip between
+    with pytest.raises(MedmergeError, match="task vector 2"):
+        medmerge.merge_state_dicts({**config, "parameters": {"ratio": 0.2}}, models)

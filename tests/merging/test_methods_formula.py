@@ -743,5 +743,5 @@ def test_arcee_fusion_samples_quartiles_of_large_tensors_from_the_tensor_seed():
 
 
 def test_the_registry_lists_every_method():
-    assert len(methods.REGISTRY) == 25
-    assert {"multislerp", "karcher", "sce", "ram", "ramplus_tl", "nearswap", "arcee_fusion", "regmean", "fisher", "tsv_m", "iso_c", "iso_cts"} <= set(methods.REGISTRY)
+    assert len(methods.REGISTRY) == 26
+    assert {"multislerp", "karcher", "sce", "ram", "ramplus_tl", "nearswap", "arcee_fusion", "regmean", "fisher", "tsv_m", "iso_c", "iso_cts", "pcb"} <= set(methods.REGISTRY)

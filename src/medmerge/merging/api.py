@@ -14,6 +14,7 @@ from ..io.writer import OutTensor, ShardedWriter, atomic_output_dir, check_outpu
 from ..io.writer import shard_size as shard_bytes
 from ..runtime import resolve_device
 from .config import MergeConfig, parse_config
+from .compute import plan_globals
 from .execute import StreamStats, stream_merge
 from .plan import MergePlan, build_plan, input_refs, open_models
 from .provenance import copy_support_files, input_hashes, output_model_config, write_model_config, write_provenance
@@ -106,6 +107,7 @@ def merge(
     )
     if verify:
         shaper.start()
+    plan_globals(plan, dev, progress=progress)  # whole-model statistics first (PCB), with their own progress bar
     with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
         writer = ShardedWriter(tmp, [OutTensor(tp.name, tp.out_dtype, tp.shape) for tp in plan.tensors], size)
         stats = stream_merge(plan, writer, device=dev, progress=progress)

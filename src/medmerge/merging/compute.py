@@ -10,7 +10,8 @@ from typing import Optional
 
 import torch
 
-from ..errors import InputError, MedmergeError
+from ..errors import ConfigError, InputError, MedmergeError
+from ..runtime import progress as progress_bar
 from .methods.base import TensorInputs
 from .plan import MergePlan, TensorPlan
 
@@ -75,7 +76,7 @@ def merge_loaded(
     owned = owned or all(w.data_ptr() != t.data_ptr() for w, t in zip(work, tensors))
     tensors.clear()
     inputs = TensorInputs(work, plan.base_of(tp), tp.model_params, name=tp.name, seed=plan.seed, owned=owned,
-                          stats=load_stats(plan, tp, device))
+                          stats=load_stats(plan, tp, device), globals=plan_globals(plan, device))
     del work
     try:
         result = plan.method(inputs, tp.global_params)
@@ -89,6 +90,42 @@ def merge_loaded(
             "(for example weights that sum to zero with normalize: true)"
         )
     return result
+
+
+def plan_globals(plan: MergePlan, device: Optional[torch.device] = None, progress: bool = False) -> Optional[dict]:
+    """The method's whole-model statistics (`MethodSpec.prepare`), computed on first use and kept in the plan.
+
+    Each pass streams every floating-point tensor's inputs once (whole tensors, in the working dtype).
+    """
+    prepare = plan.method.spec.prepare
+    if prepare is None or plan.globals is not None:
+        return plan.globals
+    mergeable = [tp for tp in plan.tensors if tp.mergeable]
+    if not mergeable:
+        plan.globals = {}
+        return plan.globals
+    settings = {tuple(sorted(tp.global_params.items())) for tp in mergeable}
+    name = plan.method.spec.name
+    if len({tuple((k, v) for k, v in s if k != "lam") for s in settings}) > 1:
+        raise ConfigError(f"method {name!r} selects over the whole model: give its global parameters one value "
+                          "for every tensor (no filters or layer gradients)")
+    passes = {"n": 0}
+
+    def each():
+        passes["n"] += 1
+        with progress_bar(progress, transient=True) as bar:
+            task = bar.add_task(f"{name}: whole-model statistics, pass {passes['n']}", total=len(mergeable))
+            for tp in mergeable:
+                tensors, owned = load_inputs(plan, tp)
+                work = [t.to(device=device) for t in tensors]
+                yield TensorInputs(work, plan.base_of(tp), tp.model_params, name=tp.name, seed=plan.seed, owned=True)
+                bar.advance(task)
+
+    try:
+        plan.globals = prepare(each, mergeable[0].global_params)
+    except ValueError as e:
+        raise MedmergeError(f"merging with {name}: {e}") from None
+    return plan.globals
 
 
 def load_stats(plan: MergePlan, tp: TensorPlan, device: Optional[torch.device] = None

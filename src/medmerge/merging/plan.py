@@ -95,6 +95,8 @@ class MergePlan:
     layer_sources: Optional[list[tuple[int, int]]] = None
     # methods with `MethodSpec.stats`: each input's statistics folder, in the order of `models`
     stats: Optional[list[StatsFolder]] = None
+    # methods with `MethodSpec.prepare`: their whole-model statistics, computed once (`compute.plan_globals`)
+    globals: Optional[dict] = None
 
     def elementwise(self, tp: TensorPlan) -> bool:
         return tp.mergeable and not tp.vocab and self.method.spec.elementwise(tp.global_params, tp.model_params)
@@ -413,9 +415,9 @@ def build_plan(
     refs, base = input_refs(config)
     if len(models) != len(refs):
         raise ConfigError(f"expected {len(refs)} input models, got {len(models)}")
-    if method.spec.stats and config.slices is not None:
-        raise ConfigError(f"method {method.spec.name!r} merges whole models with their statistics: list them under "
-                          "`models:`, not `slices:`")
+    if (method.spec.stats or method.spec.prepare) and config.slices is not None:
+        raise ConfigError(f"method {method.spec.name!r} merges whole models with whole-model statistics: list them "
+                          "under `models:`, not `slices:`")
     if config.slices is not None:
         return _build_slice_plan(config, method, models, refs, base)
     has_base = base is not None and method.spec.base != "ignored"

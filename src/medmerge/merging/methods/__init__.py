@@ -1,7 +1,7 @@
 """The registry of merge methods. Adding a method: one module, one line below."""
 
-from . import (consensus, data_aware, linear, model_stock, nuslerp, passthrough, selective, slerp, spherical, subspace,
-               task_arithmetic)
+from . import (consensus, data_aware, linear, model_stock, nuslerp, passthrough, pcb, selective, slerp, spherical,
+               subspace, task_arithmetic)
 from .base import MergeMethod, MethodSpec, Param, TensorInputs
 
 REGISTRY: dict[str, MergeMethod] = {}
@@ -75,7 +75,7 @@ for _method in task_arithmetic.METHODS:
     register(_method)
 for _method in (spherical.MULTISLERP, spherical.KARCHER, consensus.SCE, consensus.RAM, consensus.RAMPLUS_TL,
                 selective.NEARSWAP, selective.ARCEE_FUSION, data_aware.REGMEAN, data_aware.FISHER,
-                subspace.TSV_M, subspace.ISO_C, subspace.ISO_CTS):
+                subspace.TSV_M, subspace.ISO_C, subspace.ISO_CTS, pcb.PCB):
     register(_method)
 
 __all__ = ["REGISTRY", "MergeMethod", "MethodSpec", "Param", "TensorInputs", "describe", "get", "markdown", "register"]

@@ -163,6 +163,10 @@ class MethodSpec:
     # calibration statistics each input must provide (`medmerge stats`: "gram" or "fisher"), named by the
     # per-model parameter `stats`; None: a data-free method
     stats: Optional[str] = None
+    # whole-model statistics the kernel needs (PCB's quantiles): prepare(each, global params) -> dict, where
+    # each() yields the TensorInputs of every tensor anew (one call per streaming pass); the result reaches the
+    # kernel as `TensorInputs.globals`
+    prepare: Optional[Callable[[Callable, dict], dict]] = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -194,6 +198,7 @@ class TensorInputs:
     # each input's statistics for this tensor (methods with `MethodSpec.stats`), same order; None: the tensor
     # has none (then such a method averages it)
     stats: Optional[list[torch.Tensor]] = None
+    globals: Optional[dict] = None  # the plan's whole-model statistics (methods with `MethodSpec.prepare`)
 
     @property
     def non_base(self) -> list[int]:
