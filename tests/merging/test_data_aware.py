@@ -221,6 +221,14 @@ def test_stats_cli_and_its_errors(calibrated, tmp_path):
     assert ok.exit_code == 0, ok.output
     rec = json.loads((tmp_path / "s" / "medmerge_stats.json").read_text())
     assert rec["records"] == 4 and rec["kinds"] == ["gram"] and rec["data_sha256"]
+    docs = tmp_path / "docs.txt"
+    docs.write_text("a b c d\ne f g\nh i j k l\n")
+    mixed = runner.invoke(app, ["stats", str(a), "--data", f"{calibrated['data']}:4", "--data", f"{docs}:2",
+                                "--out", str(tmp_path / "mix"), "--kinds", "fisher", "-q"])
+    assert mixed.exit_code == 0, mixed.output
+    rec = json.loads((tmp_path / "mix" / "medmerge_stats.json").read_text())
+    assert [(p["records"], p["taken"]) for p in rec["data_parts"]] == [(10, 4), (3, 2)] and rec["records"] == 6
+    assert rec["fisher_examples"] == 6 and len(rec["data_sha256"]) == 2
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a b"}\n{"question": "no usable field"}\n')
     cases = [

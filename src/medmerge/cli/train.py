@@ -35,15 +35,16 @@ def train_cmd(
 @command(app, "stats")
 def stats_cmd(
     model: Path = typer.Argument(..., help="model folder (safetensors + config + tokenizer)"),
-    data: Path = typer.Option(..., "--data", help="calibration records: JSONL/CSV/TSV/JSON with `text`, or "
-                              "`prompt` + `response`, or `messages`; or a .txt file of one document per line"),
+    data: list[str] = typer.Option(..., "--data", help="calibration records: JSONL/CSV/TSV/JSON with `text`, or "
+                                   "`prompt` + `response`, or `messages`; or a .txt file of one document per line. "
+                                   "Repeat it to mix files; FILE:N takes a seeded sample of N records"),
     out: Path = typer.Option(..., "--out", help="statistics folder to write (atomically)"),
     kinds: str = typer.Option("gram,fisher", "--kinds", help="gram (RegMean), fisher (Fisher merging), or both"),
     max_length: int = typer.Option(512, "--max-length", help="tokens per example (longer ones are cut)"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="use a seeded sample of N records"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="use a seeded sample of N of all records"),
     batch_size: int = typer.Option(8, "--batch-size", help="examples per forward pass (gram only; fisher takes "
                                    "one example at a time)"),
-    seed: int = typer.Option(0, "--seed", help="seed of the --limit sample"),
+    seed: int = typer.Option(0, "--seed", help="seed of the FILE:N and --limit samples"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto"),
     dtype: str = typer.Option("float32", "--dtype", help="model dtype for the pass (statistics are float32)"),
     force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),

@@ -52,6 +52,33 @@ def read_calibration(path: Path) -> list[dict]:
     return rows
 
 
+def data_spec(spec: str | Path) -> tuple[Path, Optional[int]]:
+    """'FILE' or 'FILE:N' (a seeded sample of N records of FILE) -> (FILE, N or None)."""
+    text = str(spec)
+    head, sep, tail = text.rpartition(":")
+    if sep and tail.isdigit() and head:
+        if int(tail) < 1:
+            raise ConfigError(f"--data {text}: the sample size after ':' must be at least 1")
+        return Path(head), int(tail)
+    return Path(text), None
+
+
+def read_mix(specs: Sequence[str | Path], seed: int) -> tuple[list[dict], list[dict]]:
+    """The records of every FILE[:N] in order (each sample seeded by `seed` and the file's position) and, per
+    file, what was taken: {path, sha256, records, taken}."""
+    rows, parts = [], []
+    for i, spec in enumerate(specs):
+        path, n = data_spec(spec)
+        found = read_calibration(path)
+        order = list(range(len(found)))
+        if n is not None and n < len(found):
+            order = sorted(random.Random(f"{seed}:{i}").sample(order, n))
+        rows += [found[j] for j in order]
+        parts.append({"path": str(path.resolve()), "sha256": sha256_file(path), "records": len(found),
+                      "taken": len(order)})
+    return rows, parts
+
+
 def calibration_examples(tokenizer, rows: Sequence[dict], max_length: int, path: Path) -> list[dict]:
     """Token ids and labels of each record: a document is trained on every token, a chat on its responses."""
     template = None
@@ -135,14 +162,23 @@ class _GramCollector:
             h.remove()
 
 
-def collect_stats(model: str | Path, data: str | Path, out: str | Path, *, kinds: Sequence[str] = KINDS,
-                  max_length: int = 512, limit: Optional[int] = None, batch_size: int = 8, seed: int = 0,
-                  device: str = "cpu", dtype: str = "float32", force: bool = False, progress_bar: bool = True,
-                  size: str = "5GB") -> dict:
-    """Stream the calibration set through `model` once and write the statistics to `out`; returns the record."""
+def collect_stats(model: str | Path, data: str | Path | Sequence[str | Path], out: str | Path, *,
+                  kinds: Sequence[str] = KINDS, max_length: int = 512, limit: Optional[int] = None,
+                  batch_size: int = 8, seed: int = 0, device: str = "cpu", dtype: str = "float32",
+                  force: bool = False, progress_bar: bool = True, size: str = "5GB") -> dict:
+    """Stream the calibration set through `model` once and write the statistics to `out`; returns the record.
+
+    `data`: one file or several, each 'FILE' or 'FILE:N' (a seeded sample of N of its records): a mix of
+    instruction and clinical records, for example. `limit` then samples N of all records.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: seconds to import
 
-    model_path, data_path, out = Path(model), Path(data), output_path(out)
+    specs = [data] if isinstance(data, (str, Path)) else list(data)
+    if not specs:
+        raise ConfigError("--data: give at least one calibration file")
+    model_path, out = Path(model), output_path(out)
+    data_paths = [data_spec(s)[0] for s in specs]
+    data_path = data_paths[0]
     kinds = list(dict.fromkeys(kinds))
     unknown = [k for k in kinds if k not in KINDS]
     if not kinds or unknown:
@@ -153,10 +189,10 @@ def collect_stats(model: str | Path, data: str | Path, out: str | Path, *, kinds
             raise ConfigError(f"{name} must be a whole number >= {low}, got {value!r}")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    check_output(out, force, [model_path, data_path])
+    check_output(out, force, [model_path, *data_paths])
     checkpoint = Checkpoint(model_path)  # a clear error for a folder without weights, before loading
     names = set(checkpoint.records)
-    rows = read_calibration(data_path)
+    rows, parts = read_mix(specs, seed)
     order = list(range(len(rows)))
     if limit is not None and limit < len(rows):
         order = sorted(random.Random(seed).sample(order, limit))
@@ -164,7 +200,8 @@ def collect_stats(model: str | Path, data: str | Path, out: str | Path, *, kinds
 
     dev = torch.device(resolve_device(device))
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    examples = calibration_examples(tokenizer, rows, max_length, data_path)
+    examples = calibration_examples(tokenizer, rows, max_length, data_path if len(specs) == 1 else
+                                    Path(", ".join(map(str, data_paths))))
     lm = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=getattr(torch, dtype)).to(dev)
     lm.eval()  # dropout off: the statistics are of the model as it is
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -228,8 +265,9 @@ def collect_stats(model: str | Path, data: str | Path, out: str | Path, *, kinds
         "kinds": kinds,
         "model": str(model_path.resolve()),
         "model_fingerprint": fingerprint(model_path),
-        "data": str(data_path.resolve()),
-        "data_sha256": sha256_file(data_path),
+        "data": str(data_path.resolve()) if len(parts) == 1 else [p["path"] for p in parts],
+        "data_sha256": parts[0]["sha256"] if len(parts) == 1 else [p["sha256"] for p in parts],
+        "data_parts": parts,
         "records": len(rows),
         "limit": limit,
         "seed": seed,
@@ -250,7 +288,7 @@ def collect_stats(model: str | Path, data: str | Path, out: str | Path, *, kinds
         },
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
     }
-    with atomic_output_dir(out, force=force, inputs=[model_path, data_path]) as tmp:
+    with atomic_output_dir(out, force=force, inputs=[model_path, *data_paths]) as tmp:
         writer = ShardedWriter(tmp, [OutTensor(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()],
                                shard_size(size), metadata={"medmerge": "stats"})
         for key, value in tensors.items():
