@@ -208,7 +208,8 @@ def setting_point(method: str, setting: dict, roles: Roles) -> Point:
     if not isinstance(per_role, dict) or not all(isinstance(v, dict) for v in per_role.values()):
         raise ConfigError(f"method {method}: models: must map a role to its parameters, e.g. "
                           "models: {clinical: {stats: clinical.stats}}")
-    config = build_config(method, params, roles) if _weighs_models(method) else _unweighted_config(method, params, roles)
+    build = build_config if _weighs_models(method) else _unweighted_config
+    config = build(method, params, roles)
     entries = {m["model"]: m for m in config["models"]}
     for role, values in per_role.items():
         if role not in entries:
@@ -312,8 +313,8 @@ def split_selections(ev: SweepEvaluator, split: Split, seed: int) -> tuple[Selec
     dev = Selection(samples=dev_ids, label=f"dev: {split.dev} documents per task")
     held = Selection(samples=held_ids, label="held-out: " + (f"{split.held_out} documents per task" if split.held_out
                                                              else "every document not in dev"))
-    info = {"seed": seed, "dev": split.dev, "held_out": split.held_out,
-            "documents": {t: {"total": n, "dev": len(dev_ids[t]), "held_out": len(held_ids[t])} for t, n in counts.items()},
+    documents = {t: {"total": n, "dev": len(dev_ids[t]), "held_out": len(held_ids[t])} for t, n in counts.items()}
+    info = {"seed": seed, "dev": split.dev, "held_out": split.held_out, "documents": documents,
             "dev_ids": dev_ids, "held_out_ids": held_ids}
     return dev, held, info
 
@@ -343,9 +344,10 @@ def choose_setting(rows: Sequence[dict], select: Select, if_reference: Optional[
     best = -max(valid)[1]
     threshold = None if if_reference is None or select.if_retention_min is None \
         else if_reference * select.if_retention_min / 100
-    return {"index": best, "by": "objective", "feasible": 0, "threshold": threshold,
-            "why": f"no setting met the IF floor ({_f(threshold)}) on dev: chosen by the sweep's objective "
-                   "(the one closest to the floor)"}
+    why = (f"no setting met the IF floor ({_f(threshold)}) on dev: chosen by the sweep's objective (the highest IF "
+           "score, the closest to the floor)" if threshold is not None else
+           f"the general reference has no dev IF score to set the floor by: chosen by the sweep's objective ({goal})")
+    return {"index": best, "by": "objective", "feasible": 0, "threshold": threshold, "why": why}
 
 
 # --- step 2: held-out differences against the best method ----------------------------------------------------------
@@ -429,8 +431,10 @@ def _resolve_per_model_paths(methods: Any, rel) -> None:
         declared = {p.name: p for p in registry.get(method).spec.params}
         for setting in settings:
             per_role = setting.get("models") if isinstance(setting, dict) else None
-            for values in (per_role or {}).values() if isinstance(per_role, dict) else ():
-                for k, v in (values.items() if isinstance(values, dict) else ()):
+            if not isinstance(per_role, dict):
+                continue
+            for values in (v for v in per_role.values() if isinstance(v, dict)):
+                for k, v in values.items():
                     p = declared.get(k)
                     if isinstance(v, str) and p is not None and p.choices is None and p.type not in (bool, int, float):
                         values[k] = rel(v)
@@ -454,20 +458,29 @@ def run(config: str | Path, out: str | Path, *, overrides: Sequence[str] = (), f
     ev = open_evaluator(cfg, out, cache)
     scorer = Scorer(cfg, ev)
     split_seed = cfg.seed if cfg.split.seed is None else cfg.split.seed
-    dev_sel, held_sel, split_info = split_selections(ev, cfg.split, split_seed)
+    try:
+        dev_sel, held_sel, split_info = split_selections(ev, cfg.split, split_seed)
+    except ConfigError as e:
+        raise ConfigError(f"{config}: {e}") from None
 
-    # step 1: every setting on dev
-    dev_refs = {role: scorer.row(ev.score(reference_point(role), dev_sel), "reference") for role in cfg.references}
-    work = [(m, i, p) for m, pts in points.items() for i, p in enumerate(pts)]
-    dev_rows = []
-    for method, i, point in track(work, "dev: every setting", progress, label=lambda w: w[2].describe()):
-        dev_rows.append({**scorer.row(ev.score(point, dev_sel), "setting"), "setting": i})
+    # step 1: the references and every setting on dev
+    work = [*((role, None, reference_point(role)) for role in cfg.references),
+            *((m, i, p) for m, pts in points.items() for i, p in enumerate(pts))]
+    dev_refs, dev_rows = {}, []
+    for name, i, point in track(work, "dev: references and every setting", progress, label=lambda w: w[2].describe()):
+        if i is None:
+            dev_refs[name] = scorer.row(ev.score(point, dev_sel), "reference")
+        else:
+            dev_rows.append({**scorer.row(ev.score(point, dev_sel), "setting"), "setting": i})
     add_relative([*dev_refs.values(), *dev_rows], dev_refs, ev.roles)
     if_reference = dev_refs[cfg.roles.general]["if_score"]
     chosen = {}
     for method, pts in points.items():
         rows = [r for r in dev_rows if r["method"] == method]
-        pick = choose_setting(rows, cfg.select, if_reference, lambda r: scorer.objective(r, dev_refs))
+        try:
+            pick = choose_setting(rows, cfg.select, if_reference, lambda r: scorer.objective(r, dev_refs))
+        except InputError as e:
+            raise InputError(f"{method}: {e}") from None
         row = rows[pick["index"]]
         row["chosen"] = True
         chosen[method] = {"setting": row["setting"], "label": row["label"], "params": row["params"],
@@ -498,7 +511,9 @@ def run(config: str | Path, out: str | Path, *, overrides: Sequence[str] = (), f
         "fingerprints": ev.fingerprints, "roles": cfg.roles.model_dump(), "tasks": ev.tasks,
         "if_metric": scorer.if_metric, "clinical_metrics": scorer.clinical_parts, "scale": "0-100 (accuracies x 100)",
         "split": split_info,
-        "budget": {"rule": cfg.budget, "settings": {m: len(p) for m, p in points.items()}},
+        "budget": {"rule": cfg.budget, "per_method": check_budget(cfg, config),
+                   "settings": {m: len(p) for m, p in points.items()},
+                   "no_parameters": [m for m in points if _one_setting_only(m)]},
         "select": {**cfg.select.model_dump(), "rule": _rule_text(cfg.select, cfg.roles.general)},
         "dev": {"selection": dev_sel.label, "references": dev_refs, "rows": dev_rows},
         "chosen": chosen,
@@ -565,7 +580,8 @@ def methods_table(result: dict) -> tuple[list[str], list[list[str]]]:
     for r in result["held_out"]["rows"]:
         m = r["method"]
         cells = [_difference_cell((diffs.get(k) or {}).get("methods", {}).get(m)) for k in AXES]
-        table.append([m, _setting_text(m, r["label"]) + (" (fallback)" if result["chosen"][m]["by"] == "objective" else ""),
+        fallback = " (fallback)" if result["chosen"][m]["by"] == "objective" else ""
+        table.append([m, _setting_text(m, r["label"]) + fallback,
                       fmt_with_ci(r.get("if_retention_pct"), r.get("if_retention_ci"), "-"),
                       fmt_with_ci(r.get("clinical_gain_kept_pct"), r.get("clinical_gain_kept_ci"), "-"),
                       _f(r["if_score"]), _f(r["clinical_score"]), *cells])
@@ -589,7 +605,7 @@ def summary_paragraphs(result: dict) -> list[str]:
         best = d["best"]
         r = rows[best]
         ci = r.get("if_retention_ci" if key == "if_retention_pct" else "clinical_gain_kept_ci")
-        text = f"On {axis}, **{best}** leads with {fmt_with_ci(r[key], ci)}%."
+        text = f"On {axis}, `{best}` leads with {fmt_with_ci(r[key], ci)}%."
         others = [(m, x) for m, x in d["methods"].items() if m != best]
         noise = [(m, x) for m, x in others if x["verdict"] == "within noise"]
         behind = sorted(((m, x) for m, x in others if x["verdict"] == "behind"), key=lambda mx: mx[1]["value"])
@@ -620,7 +636,7 @@ def summary_paragraphs(result: dict) -> list[str]:
     if w:
         r = rows[w["method"]]
         out.append(f"Under the selection rule ({sel['rule']}), the best method on the held-out documents is "
-                   f"**{w['method']}** (IF retained {fmt_with_ci(r['if_retention_pct'], r.get('if_retention_ci'))}%, "
+                   f"`{w['method']}` (IF retained {fmt_with_ci(r['if_retention_pct'], r.get('if_retention_ci'))}%, "
                    f"clinical gain kept {fmt_with_ci(r['clinical_gain_kept_pct'], r.get('clinical_gain_kept_ci'))}%; "
                    f"{w['feasible']} of {len(rows)} methods meet its IF floor there).")
     else:
@@ -629,25 +645,22 @@ def summary_paragraphs(result: dict) -> list[str]:
     fallback = [m for m, c in result["chosen"].items() if c["by"] == "objective"]
     if fallback:
         out.append(f"No dev setting of {', '.join(fallback)} met the IF floor: their settings were chosen by the "
-                   "sweep's objective (the setting closest to the floor), marked (fallback).")
+                   "sweep's objective (see Chosen on dev), marked (fallback).")
     return out
 
 
 def render_markdown(result: dict) -> str:
     split = result["split"]
     budget = result["budget"]
-    counts = sorted(set(budget["settings"].values()))
     lines = [f"# Merge methods compared ({len(result['held_out']['rows'])} methods)", "",
-             f"IF = {result['if_metric']}; clinical = mean of {', '.join(result['clinical_metrics'])} "
-             f"({result['scale']}). IF retained = 100 x IF / IF({result['roles']['general']}); clinical gain kept = "
+             f"IF = {result['if_metric']}; clinical = mean of {', '.join(result['clinical_metrics'])}; scale "
+             f"{result['scale']}. IF retained = 100 x IF / IF({result['roles']['general']}); clinical gain kept = "
              f"100 x (C - C({result['roles']['general']})) / (C({result['roles']['domain']}) - "
              f"C({result['roles']['general']})).",
              f"Each method's setting was chosen on the dev documents ({split['dev']} per task) by: "
              f"{result['select']['rule']}; every row below is scored on the held-out documents "
              f"({_held_out_text(split)}, split seed {split['seed']}), disjoint from dev.",
-             f"Budget: {', '.join(map(str, counts))} setting{'s' if counts != [1] else ''} per method"
-             + (" (unequal budgets allowed by the config)" if budget["rule"] == "unequal_ok" and len(counts) > 1 else "")
-             + ".", ""]
+             _budget_text(budget), ""]
     head, table = methods_table(result)
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in table]
@@ -663,9 +676,22 @@ def render_markdown(result: dict) -> str:
     lines += ["", "## Left out", ""]
     lines += [f"- {x['method']}: {x['reason']}" for x in result["left_out"]] or ["- none"]
     e = result["evaluations"]
-    lines += ["", f"Evaluations run {e['run']}, from cache {e['cached']}; merges {e['merges']} ({e['merge_seconds']} s), "
-              f"evaluation {e['eval_seconds']} s; wall {result['wall_time_s']} s."]
+    lines += ["", f"Evaluations run {e['run']}, from cache {e['cached']}; merges {e['merges']} "
+              f"({e['merge_seconds']} s), evaluation {e['eval_seconds']} s; wall {result['wall_time_s']} s."]
     return "\n".join(lines)
+
+
+def _budget_text(budget: dict) -> str:
+    n = budget["per_method"]
+    exempt = budget.get("no_parameters") or []
+    unequal = {m: k for m, k in budget["settings"].items() if k != (1 if m in exempt else n)}
+    text = f"Budget: {n} setting{'s' if n != 1 else ''} per method"
+    if exempt:
+        text += f" ({', '.join(exempt)}: 1, {'it has' if len(exempt) == 1 else 'they have'} no parameters)"
+    if unequal:
+        text += ("; unequal budgets, allowed by the config (budget: unequal_ok): "
+                 + ", ".join(f"{m} {k}" for m, k in unequal.items()))
+    return text + "."
 
 
 def _held_out_text(split: dict) -> str:
@@ -679,13 +705,14 @@ def plot_methods(result: dict, path: Path) -> None:
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    colors = plt.colormaps["tab20"]  # twenty methods and more: tab10's colours would repeat
     for i, r in enumerate(result["held_out"]["rows"]):
         x, y = r.get("if_retention_pct"), r.get("clinical_gain_kept_pct")
         if x is None or y is None or not all(map(math.isfinite, (x, y))):
             continue
         err = [[[v - ci["low"]], [ci["high"] - v]] if ci and ci.get("low") is not None else None
                for v, ci in ((x, r.get("if_retention_ci")), (y, r.get("clinical_gain_kept_ci")))]
-        ax.errorbar([x], [y], xerr=err[0], yerr=err[1], fmt="o", color=f"C{i % 10}", capsize=3, ms=5, lw=1)
+        ax.errorbar([x], [y], xerr=err[0], yerr=err[1], fmt="o", color=colors(i % 20), capsize=3, ms=5, lw=1)
         ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     for role, r in result["held_out"]["references"].items():
         x, y = r.get("if_retention_pct"), r.get("clinical_gain_kept_pct")
