@@ -314,3 +314,41 @@ def test_refusals_are_clear_errors_without_a_traceback(tiny_run, tmp_path, overr
     out = " ".join(result.output.split())
     assert result.exit_code == 2 and words in out and "Traceback" not in out, out
     assert not (tmp_path / "run" / "methods_compared.json").exists()
+
+
+def test_data_aware_methods_get_statistics_computed_from_the_calibration_mix(sweep_family, tmp_path):
+    cfg = yaml.safe_load((sweep_family / "sweep.yaml").read_text())
+    cfg.pop("grid")
+    cal = tmp_path / "calibration.jsonl"
+    cal.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "say hello", "response": "hello there"}, {"text": "the patient has a cough"},
+        {"prompt": "list two", "response": "one two"}, {"text": "fever and pain"}]) + "\n")
+    cfg.update({"methods": {"regmean": [{"t": 0.3}, {"t": 0.7}], "fisher": [{"t": 0.5}, {"t": 0.5, "normalize": False}]},
+                "split": {"dev": 3, "seed": 5}, "replicates": 50, "left_out": {}})
+    config = sweep_family / "compare_stats.yaml"  # beside the models its paths name
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    refused = CliRunner().invoke(app, ["compare-methods", str(config), str(out), "-q"])
+    assert refused.exit_code != 0 and "calibration" in refused.output and "Traceback" not in refused.output
+    cfg["calibration"] = {"data": [f"{cal}:3"], "max_length": 32}
+    config.write_text(yaml.safe_dump(cfg))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    result = CliRunner().invoke(app, ["compare-methods", str(config), str(out), "-q"])
+    torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    res = json.loads((out / "methods_compared.json").read_text())
+    stats = {s["role"]: s for s in res["statistics"]}
+    assert set(stats) == {"clinical", "instruct"} and all(s["examples"] == 3 for s in stats.values())
+    for s in stats.values():  # each model's own statistics, of the recorded model
+        record = json.loads((Path(s["folder"]) / "medmerge_stats.json").read_text())
+        assert record["model"] == str(Path(res["models"][s["role"]]).resolve()) and record["kinds"] == ["fisher", "gram"]
+    assert {r["method"] for r in res["held_out"]["rows"]} == {"regmean", "fisher"}
+    assert len(res["dev"]["rows"]) == 4 and all("stats" in r["label"] for r in res["dev"]["rows"])
+    # another calibration mix: other folders (their names hash the inputs), never the old statistics
+    cfg["calibration"]["max_length"] = 16
+    config.write_text(yaml.safe_dump(cfg))
+    again = CliRunner().invoke(app, ["compare-methods", str(config), str(out), "-q", "--force"])
+    assert again.exit_code == 0, again.output
+    res2 = json.loads((out / "methods_compared.json").read_text())
+    assert {s["folder"] for s in res2["statistics"]}.isdisjoint({s["folder"] for s in res["statistics"]})

@@ -48,6 +48,7 @@ the numbers), `methods_compared.png`, `methods_compared.resolved.yml`, `cache/`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -65,6 +66,8 @@ from ..evaluation.compare import fmt_score as _f
 from ..evaluation.compare import fmt_with_ci
 from ..evaluation.runner import RECORDED_LIBRARIES
 from ..evaluation.scores import relative_scores, summary_scores
+from ..io.fingerprint import fingerprint, sha256_file
+from ..io.stats import STATS_RECORD
 from ..merging import methods as registry
 from ..merging.config import parse_config
 from ..merging.methods.base import GLOBAL, check_counts
@@ -72,6 +75,7 @@ from ..merging.plan import input_refs
 from ..runtime import library_versions, pyplot, track
 from ..settings import Strict, apply_overrides, read_yaml, validated
 from ..training.config import Seed
+from ..training.stats import collect_stats, data_spec
 from .config import WorldSettings, experiment_inputs, read_experiment, resolve_eval_paths
 from .rundir import Result, check_run_dir, clear_run_dir, resolved_config, resolved_name
 from .sweep.config import RoleNames, Scores, Select, SweepEval
@@ -98,6 +102,14 @@ class Split(Strict):
     seed: Optional[Seed] = None  # the permutation's seed (default: the config's seed)
 
 
+class Calibration(Strict):
+    """The calibration mix of the data-aware methods (regmean, fisher): `medmerge stats` runs on each model."""
+
+    data: list[str] = Field(..., min_length=1)  # FILE or FILE:N (a seeded sample of N records), relative to the config
+    max_length: int = Field(256, ge=2)  # tokens per example
+    seed: Optional[Seed] = None  # of the FILE:N samples (default: the config's seed)
+
+
 class MethodsConfig(Strict):
     world: Optional[WorldSettings] = None
     models: dict[str, Path]
@@ -110,6 +122,7 @@ class MethodsConfig(Strict):
     split: Split
     methods: dict[str, list[dict[str, Any]]]
     left_out: dict[str, str] = {}  # method -> why this comparison does not run it
+    calibration: Optional[Calibration] = None  # statistics for regmean/fisher settings that name none
     budget: Literal["equal", "unequal_ok"] = "equal"
     replicates: int = Field(SWEEP_REPLICATES, ge=1)
     seed: Seed = 0
@@ -418,7 +431,75 @@ def load_config(path: str | Path, out: Path, overrides: Sequence[str] = (),
         raw["models"] = {k: rel(v) for k, v in raw["models"].items()}
     raw["eval"] = resolve_eval_paths(raw.get("eval"), rel)
     _resolve_per_model_paths(raw.get("methods"), rel)
+    calibration = raw.get("calibration")
+    if isinstance(calibration, dict) and isinstance(calibration.get("data"), list):
+        calibration["data"] = [_resolve_spec(spec, rel) for spec in calibration["data"]]
     return validated(MethodsConfig, raw, path), {"world": world, "config_file": str(path.absolute())}
+
+
+def _resolve_spec(spec: Any, rel) -> Any:
+    """'FILE[:N]' with FILE resolved against the config's folder."""
+    if not isinstance(spec, str):
+        return spec
+    path, n = data_spec(spec)
+    return str(rel(str(path))) + (f":{n}" if n is not None else "")
+
+
+# --- statistics of the data-aware methods -----------------------------------------------------------------------
+
+
+def statistics_plan(cfg: MethodsConfig, out: Path, where: str | Path = WHAT) -> dict[str, dict]:
+    """Fill in `stats` for every (setting, role) of a data-aware method that names none, from `calibration:`;
+    returns {folder: {role, model, kinds}} of the statistics to compute. A folder's name holds a hash of the
+    model's fingerprint, the calibration files' contents and settings, so changed inputs never reuse it (and
+    the evaluator's cache, which keys on the merge config, never reuses scores of other statistics)."""
+    needed: dict[str, dict] = {}
+    for method, settings in cfg.methods.items():
+        kind = registry.get(method).spec.stats
+        if kind is None:
+            continue
+        for i, setting in enumerate(settings):
+            per_role = setting.setdefault("models", {})
+            for role in (cfg.roles.domain, cfg.roles.general):
+                values = per_role.setdefault(role, {})
+                if "stats" in values:
+                    continue
+                if cfg.calibration is None:
+                    raise ConfigError(f"{where}: methods.{method}[{i}] needs {kind} statistics of {role}: add "
+                                      "`calibration: {data: [FILE, ...]}` (medmerge computes them), or give "
+                                      f"`models: {{{role}: {{stats: FOLDER}}}}` from `medmerge stats`")
+                folder = out / "stats" / f"{role}-{_statistics_key(cfg, role)}"
+                values["stats"] = str(folder)
+                entry = needed.setdefault(str(folder), {"role": role, "model": cfg.models[role], "kinds": set()})
+                entry["kinds"].add(kind)
+    return needed
+
+
+def _statistics_key(cfg: MethodsConfig, role: str) -> str:
+    cal = cfg.calibration
+    parts = [fingerprint(cfg.models[role]), str(cal.max_length), str(cfg.seed if cal.seed is None else cal.seed)]
+    for spec in cal.data:
+        path, n = data_spec(spec)
+        if not path.is_file():
+            raise InputError(f"calibration.data: {path} does not exist")
+        parts += [sha256_file(path), str(n)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+
+
+def compute_statistics(cfg: MethodsConfig, needed: dict[str, dict], progress: bool) -> list[dict]:
+    """`medmerge stats` for each planned folder that does not exist yet (both kinds at once: one pass)."""
+    done = []
+    cal = cfg.calibration
+    for folder, entry in needed.items():
+        path = Path(folder)
+        if not (path / STATS_RECORD).is_file():
+            collect_stats(entry["model"], cal.data, path, kinds=sorted(entry["kinds"] | {"gram", "fisher"}),
+                          max_length=cal.max_length, seed=cfg.seed if cal.seed is None else cal.seed,
+                          device="cpu" if cfg.device == "auto" else cfg.device, progress_bar=progress)
+        record = json.loads((path / STATS_RECORD).read_text())
+        done.append({"role": entry["role"], "folder": folder, **{k: record.get(k) for k in (
+            "examples", "tokens", "fisher_examples", "data_parts", "max_length")}})
+    return done
 
 
 def _resolve_per_model_paths(methods: Any, rel) -> None:
@@ -449,11 +530,13 @@ def run(config: str | Path, out: str | Path, *, overrides: Sequence[str] = (), f
     inputs = experiment_inputs(config, overrides, WHAT)
     raw = apply_overrides(read_yaml(Path(config), WHAT), overrides)
     check_method_names(raw.get("methods"), raw.get("left_out"), config)  # before a world is built
-    out = check_run_dir(out, force, results=(), stale=("cache",), what="methods comparison",
+    out = check_run_dir(out, force, results=(), stale=("cache", "stats"), what="methods comparison",
                         written=(resolved_name(NAME), *OUTPUTS), inputs=inputs)
     cfg, info = load_config(config, out, overrides, progress=progress)
+    needed = statistics_plan(cfg, out, config)
     points, left_out = plan_methods(cfg, config)
-    clear_run_dir(out, force, results=OUTPUTS, stale=("cache",))  # only now: a refused run deletes nothing
+    clear_run_dir(out, force, results=OUTPUTS, stale=("cache", "stats"))  # only now: a refused run deletes nothing
+    statistics = compute_statistics(cfg, needed, progress)
     resolved_config(out, NAME).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     ev = open_evaluator(cfg, out, cache)
     scorer = Scorer(cfg, ev)
@@ -522,6 +605,7 @@ def run(config: str | Path, out: str | Path, *, overrides: Sequence[str] = (), f
         "winner": None if winner is None else {"method": held_rows[winner["index"]]["method"],
                                                "threshold": winner["threshold"], "feasible": winner["feasible"]},
         "left_out": left_out,
+        "statistics": statistics,
         "seeds": {"seed": cfg.seed, "split": split_seed, "bootstrap": cfg.seed, "replicates": cfg.replicates},
         "evaluations": {"run": ev.stats.evaluated, "cached": ev.stats.cached, "merges": ev.stats.merges,
                         "merge_seconds": round(ev.stats.merge_seconds, 2),
