@@ -239,3 +239,14 @@ def test_pcb_refuses_a_setting_that_keeps_nothing_or_varies_by_tensor():
     models["task1"] = dict(models["base"])  # a task vector of zeros: nothing to clip between
     with pytest.raises(MedmergeError, match="task vector 2"):
         medmerge.merge_state_dicts({**config, "parameters": {"ratio": 0.2}}, models)
+
+
+@pytest.mark.parametrize("method", ["pcb", "tsv_m", "iso_c", "iso_cts"])
+def test_in_memory_merges_never_change_their_input_models(method):
+    models = _svd_models()
+    before = {n: {t: v.clone() for t, v in sd.items()} for n, sd in models.items()}
+    medmerge.merge_state_dicts({"merge_method": method, "base_model": "base", "dtype": "float64",
+                                "models": [{"model": f"task{k}"} for k in range(3)]}, models)
+    for n, sd in models.items():
+        for t, v in sd.items():
+            assert torch.equal(v, before[n][t]), (method, n, t)

@@ -78,7 +78,7 @@ from ..training.config import Seed
 from ..training.stats import collect_stats, data_spec
 from .config import WorldSettings, experiment_inputs, read_experiment, resolve_eval_paths
 from .rundir import Result, check_run_dir, clear_run_dir, resolved_config, resolved_name
-from .sweep.config import RoleNames, Scores, Select, SweepEval
+from .sweep.config import RoleNames, Scores, Select, SweepEval, check_models_and_tasks
 from .sweep.evaluator import Selection, SweepEvaluator
 from .sweep.points import Point, Roles, build_config, check_point, short
 from .sweep.run import open_evaluator
@@ -131,16 +131,10 @@ class MethodsConfig(Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
+        check_models_and_tasks(self, "method")
         for name in (self.roles.domain, self.roles.general):
-            if name not in self.models:
-                raise ValueError(f"roles: {name!r} is not in models ({', '.join(self.models)})")
             if name not in self.references:
                 raise ValueError(f"references: add {name!r}: retention and gain kept are measured against it")
-        for ref in self.references:
-            if ref not in self.models:
-                raise ValueError(f"references: {ref!r} is not in models ({', '.join(self.models)})")
-        if not self.eval.tasks and not self.eval.task_files:
-            raise ValueError("eval.tasks is empty: name the tasks every method is scored on")
         for key in ("limit", "subset"):
             if getattr(self.eval, key) is not None:
                 raise ValueError(f"eval.{key}: the documents come from split: (dev, held_out); drop eval.{key}")

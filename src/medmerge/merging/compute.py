@@ -118,7 +118,9 @@ def plan_globals(plan: MergePlan, device: Optional[torch.device] = None, progres
             for tp in mergeable:
                 tensors, owned = load_inputs(plan, tp)
                 work = [t.to(device=device) for t in tensors]
-                yield TensorInputs(work, plan.base_of(tp), tp.model_params, name=tp.name, seed=plan.seed, owned=True)
+                # the kernel may overwrite only fresh copies, never an in-memory model's own tensors
+                owned = owned or all(w.data_ptr() != t.data_ptr() for w, t in zip(work, tensors))
+                yield TensorInputs(work, plan.base_of(tp), tp.model_params, name=tp.name, seed=plan.seed, owned=owned)
                 bar.advance(task)
 
     try:

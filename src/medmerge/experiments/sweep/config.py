@@ -93,6 +93,19 @@ class Search(Strict):
         return self
 
 
+def check_models_and_tasks(cfg, scored: str) -> None:
+    """The roles and references name models of `cfg.models`, and there are tasks to score each `scored` on
+    (a sweep's or a methods comparison's config)."""
+    for name in (cfg.roles.domain, cfg.roles.general):
+        if name not in cfg.models:
+            raise ValueError(f"roles: {name!r} is not in models ({', '.join(cfg.models)})")
+    for ref in cfg.references:
+        if ref not in cfg.models:
+            raise ValueError(f"references: {ref!r} is not in models ({', '.join(cfg.models)})")
+    if not cfg.eval.tasks and not cfg.eval.task_files:
+        raise ValueError(f"eval.tasks is empty: name the tasks every {scored} is scored on")
+
+
 class SweepConfig(Strict):
     world: Optional[WorldSettings] = None
     models: dict[str, Path]
@@ -111,14 +124,7 @@ class SweepConfig(Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
-        for name in (self.roles.domain, self.roles.general):
-            if name not in self.models:
-                raise ValueError(f"roles: {name!r} is not in models ({', '.join(self.models)})")
-        for ref in self.references:
-            if ref not in self.models:
-                raise ValueError(f"references: {ref!r} is not in models ({', '.join(self.models)})")
-        if not self.eval.tasks and not self.eval.task_files:
-            raise ValueError("eval.tasks is empty: name the tasks every point is scored on")
+        check_models_and_tasks(self, "point")
         if self.eval.subset is not None and self.eval.limit is not None and self.eval.subset > self.eval.limit >= 1:
             raise ValueError("eval.subset is larger than eval.limit")
         return self

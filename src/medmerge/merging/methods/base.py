@@ -276,6 +276,27 @@ def chunked_sum(fn, *tensors: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def task_vectors(x: TensorInputs, weighted: bool = False) -> list[torch.Tensor]:
+    """W_i - B of every non-base input (in place when the inputs are the kernel's to overwrite), each times its
+    per-model `weight` when `weighted`."""
+    base = x.tensors[x.base]
+    out = []
+    for i in x.non_base:
+        tv = x.tensors[i].sub_(base) if x.owned else x.tensors[i] - base
+        if weighted:
+            tv.mul_(float(x.model_params[i]["weight"]))
+        out.append(tv)
+    return out
+
+
+def sum_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A new tensor: the inputs added in order."""
+    total = tensors[0].clone()
+    for t in tensors[1:]:
+        total.add_(t)
+    return total
+
+
 def weights_of(inputs: TensorInputs, indices: Sequence[int], key: str = "weight") -> torch.Tensor:
     ref = inputs.tensors[indices[0]]
     return torch.tensor(

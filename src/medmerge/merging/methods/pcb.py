@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .base import PER_NON_BASE, Domain, MergeMethod, MethodSpec, Param, TensorInputs
+from .base import PER_NON_BASE, Domain, MergeMethod, MethodSpec, Param, TensorInputs, sum_of, task_vectors
 
 BUCKET_BITS = 20  # histogram resolution of the exact selection: 2^20 buckets (8 MB of counts per task)
 
@@ -84,18 +84,6 @@ class ExactSelection:
         return out
 
 
-def _task_vectors(x: TensorInputs) -> list[torch.Tensor]:
-    base = x.tensors[x.base]
-    return [x.tensors[i] - base for i in x.non_base]
-
-
-def _sum(tvs: list[torch.Tensor]) -> torch.Tensor:
-    total = tvs[0].clone()
-    for tv in tvs[1:]:
-        total.add_(tv)
-    return total
-
-
 def _balance(tv: torch.Tensor, total: torch.Tensor, lo: float, hi: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(intra * inter, the clipped magnitudes A) of one task vector: the same operations in the pre-pass and the
     kernel, on the same whole tensor, so the threshold is compared with bit-identical values."""
@@ -109,7 +97,7 @@ def prepare(each: Callable[[], Iterator[TensorInputs]], params: dict) -> dict:
     c, ratio = params["clamp_ratio"], params["ratio"]
     abs_sel, tasks = None, 0
     for x in each():
-        tvs = _task_vectors(x)
+        tvs = task_vectors(x)
         if abs_sel is None:
             tasks = len(tvs)
             abs_sel = [ExactSelection() for _ in tvs]
@@ -121,7 +109,7 @@ def prepare(each: Callable[[], Iterator[TensorInputs]], params: dict) -> dict:
     for sel in abs_sel:
         sel.target([int(d * c), int(d * (1 - c) - 1)])
     for x in each():
-        for sel, tv in zip(abs_sel, _task_vectors(x)):
+        for sel, tv in zip(abs_sel, task_vectors(x)):
             sel.collect(tv.abs())
     bounds = [sel.values() for sel in abs_sel]
     del abs_sel
@@ -133,8 +121,8 @@ def prepare(each: Callable[[], Iterator[TensorInputs]], params: dict) -> dict:
     top = [float("-inf")] * tasks
 
     def balances(x):
-        tvs = _task_vectors(x)
-        total = _sum(tvs)
+        tvs = task_vectors(x)
+        total = sum_of(tvs)
         return [_balance(tv, total, lo, hi, tasks)[0] for tv, (lo, hi) in zip(tvs, bounds)]
 
     for x in each():
@@ -159,8 +147,8 @@ def pcb(x: TensorInputs, p: dict) -> torch.Tensor:
     if not x.non_base:
         return base.clone()
     g = x.globals
-    tvs = _task_vectors(x)
-    total = _sum(tvs)
+    tvs = task_vectors(x)
+    total = sum_of(tvs)
     num, den = torch.zeros_like(base), torch.zeros_like(base)
     for i, tv, (lo, hi), thr, mx in zip(x.non_base, tvs, g["bounds"], g["thresholds"], g["max"]):
         bal, a = _balance(tv, total, lo, hi, len(tvs))

@@ -18,20 +18,9 @@ its task vectors plus their thin SVD factors.
 
 import torch
 
-from .base import PER_NON_BASE, UNIT, Domain, MergeMethod, MethodSpec, Param, TensorInputs
+from .base import PER_NON_BASE, UNIT, Domain, MergeMethod, MethodSpec, Param, TensorInputs, sum_of, task_vectors
 
 FINITE_SCALE = Domain()
-
-
-def _task_vectors(x: TensorInputs, weighted: bool = False) -> list[torch.Tensor]:
-    base = x.tensors[x.base]
-    out = []
-    for i in x.non_base:
-        tv = x.tensors[i].sub_(base) if x.owned else x.tensors[i] - base
-        if weighted:
-            tv.mul_(float(x.model_params[i]["weight"]))
-        out.append(tv)
-    return out
 
 
 def _polar(a: torch.Tensor) -> torch.Tensor:
@@ -41,10 +30,7 @@ def _polar(a: torch.Tensor) -> torch.Tensor:
 
 
 def _mean(tvs: list[torch.Tensor]) -> torch.Tensor:
-    out = tvs[0].clone()
-    for tv in tvs[1:]:
-        out.add_(tv)
-    return out.div_(len(tvs))
+    return sum_of(tvs).div_(len(tvs))
 
 
 def _matrix(x: TensorInputs, p: dict) -> bool:
@@ -55,7 +41,7 @@ def tsv_m(x: TensorInputs, p: dict) -> torch.Tensor:
     base = x.tensors[x.base]
     if not x.non_base:
         return base.clone()
-    tvs = _task_vectors(x, weighted=True)
+    tvs = task_vectors(x, weighted=True)
     if not _matrix(x, p):
         merged = _mean(tvs)
     else:
@@ -81,14 +67,11 @@ def iso_c(x: TensorInputs, p: dict) -> torch.Tensor:
     base = x.tensors[x.base]
     if not x.non_base:
         return base.clone()
-    tvs = _task_vectors(x)
+    tvs = task_vectors(x)
     if not _matrix(x, p):
         merged = _mean(tvs)
     else:
-        total = tvs[0]
-        for tv in tvs[1:]:
-            total = total + tv
-        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        u, s, vh = torch.linalg.svd(sum_of(tvs), full_matrices=False)
         merged = (u * s.mean()) @ vh
     return base + merged.mul_(p["scaling"])
 
@@ -105,7 +88,7 @@ def iso_cts(x: TensorInputs, p: dict) -> torch.Tensor:
     base = x.tensors[x.base]
     if not x.non_base:
         return base.clone()
-    tvs = _task_vectors(x)
+    tvs = task_vectors(x)
     if not _matrix(x, p):
         merged = _mean(tvs)
     else:
@@ -114,12 +97,9 @@ def iso_cts(x: TensorInputs, p: dict) -> torch.Tensor:
         if common < 0:
             raise ValueError(f"iso_cts: common_space_fraction {p['common_space_fraction']:g} leaves no common "
                              f"subspace for a rank-{k} matrix and {len(tvs)} task vectors; raise it")
-        total = tvs[0]
-        for tv in tvs[1:]:
-            total = total + tv
-        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        u, s, vh = torch.linalg.svd(sum_of(tvs), full_matrices=False)
         uc, sc, vc = u[:, :common], s[:common], vh[:common]
-        del u, s, vh, total
+        del u, s, vh
         us, ss, vhs = [], [], []
         for tv in tvs:
             outside = tv - uc @ (uc.T @ tv)  # the task's part outside the common (left) subspace
