@@ -91,6 +91,7 @@ WHAT = "methods comparison config"
 OUTPUTS = (f"{NAME}.json", f"{NAME}.md", f"{NAME}.png")
 AXES = {"if_retention_pct": "IF retained", "clinical_gain_kept_pct": "clinical gain kept"}
 # registry methods that cannot be one point between two models, whatever the config says
+CALIBRATED = "_statistics"  # a setting's key for the statistics folders the comparison computes (not in labels)
 NOT_AN_INTERPOLATION = {
     "passthrough": "stacks or copies the layers of one model; not an interpolation of two models",
 }
@@ -202,7 +203,7 @@ def _unweighted_config(method: str, params: dict[str, Any], roles: Roles) -> dic
 
 def setting_label(method: str, setting: dict) -> str:
     """"ties t=0.5 density=0.8", per-model values as ROLE.PARAM (a file by its name)."""
-    parts = [f"{k}={short(v)}" for k, v in setting.items() if k != "models"]
+    parts = [f"{k}={short(v)}" for k, v in setting.items() if k not in ("models", CALIBRATED)]
     for role, params in (setting.get("models") or {}).items():
         parts += [f"{role}.{k}={Path(v).name if isinstance(v, str) else short(v)}" for k, v in params.items()]
     return " ".join([method, *parts])
@@ -215,6 +216,9 @@ def setting_point(method: str, setting: dict, roles: Roles) -> Point:
     if not isinstance(per_role, dict) or not all(isinstance(v, dict) for v in per_role.values()):
         raise ConfigError(f"method {method}: models: must map a role to its parameters, e.g. "
                           "models: {clinical: {stats: clinical.stats}}")
+    per_role = {role: dict(values) for role, values in per_role.items()}
+    for role, folder in (params.pop(CALIBRATED, None) or {}).items():  # statistics computed by the comparison
+        per_role.setdefault(role, {})["stats"] = folder
     build = build_config if _weighs_models(method) else _unweighted_config
     config = build(method, params, roles)
     entries = {m["model"]: m for m in config["models"]}
@@ -453,17 +457,16 @@ def statistics_plan(cfg: MethodsConfig, out: Path, where: str | Path = WHAT) -> 
         if kind is None:
             continue
         for i, setting in enumerate(settings):
-            per_role = setting.setdefault("models", {})
+            per_role = setting.get("models") or {}
             for role in (cfg.roles.domain, cfg.roles.general):
-                values = per_role.setdefault(role, {})
-                if "stats" in values:
+                if "stats" in (per_role.get(role) or {}):
                     continue
                 if cfg.calibration is None:
                     raise ConfigError(f"{where}: methods.{method}[{i}] needs {kind} statistics of {role}: add "
                                       "`calibration: {data: [FILE, ...]}` (medmerge computes them), or give "
                                       f"`models: {{{role}: {{stats: FOLDER}}}}` from `medmerge stats`")
                 folder = out / "stats" / f"{role}-{_statistics_key(cfg, role)}"
-                values["stats"] = str(folder)
+                setting.setdefault(CALIBRATED, {})[role] = str(folder)
                 entry = needed.setdefault(str(folder), {"role": role, "model": cfg.models[role], "kinds": set()})
                 entry["kinds"].add(kind)
     return needed
