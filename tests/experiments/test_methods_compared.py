@@ -345,7 +345,7 @@ def test_data_aware_methods_get_statistics_computed_from_the_calibration_mix(swe
         assert record["model"] == str(Path(res["models"][s["role"]]).resolve()) and record["kinds"] == ["fisher", "gram"]
     assert {r["method"] for r in res["held_out"]["rows"]} == {"regmean", "fisher"}
     assert len(res["dev"]["rows"]) == 4 and {r["label"] for r in res["dev"]["rows"]} == {
-        "regmean t=0.3", "regmean t=0.7", "fisher t=0.5", "fisher t=0.5 normalize=False"}  # statistics not in labels
+        "regmean t=0.3", "regmean t=0.7", "fisher t=0.5", "fisher normalize=False t=0.5"}  # statistics not in labels
     # another calibration mix: other folders (their names hash the inputs), never the old statistics
     cfg["calibration"]["max_length"] = 16
     config.write_text(yaml.safe_dump(cfg))
