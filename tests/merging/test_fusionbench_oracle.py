@@ -217,6 +217,18 @@ def test_pcb_statistics_are_whole_model_quantities_not_per_tensor():
     for v in reversed(values):  # any order
         sel.collect(v)
     assert sel.values() == [float(torch.sort(flat).values[k]) for k in ks]
+    # float32 with many repeated values (unchanged entries of a bfloat16 fine-tune are exact zeros): exact too
+    values = [torch.zeros(30000), _rand(5000, seed=23).float().abs(), torch.full((700,), 0.25), _rand(99, seed=24).float()]
+    flat = torch.cat(values)
+    sel = ExactSelection()
+    for v in values:
+        sel.count(v)
+    ks = [0, 29999, 30000, 30500, 34000, 35000, flat.numel() - 1]
+    sel.target(ks)
+    for v in values:
+        sel.collect(v)
+    assert sel.values() == [float(torch.sort(flat).values[k]) for k in ks]
+    assert all(found[0].numel() <= 4096 for found in sel.found)  # distinct values only, whatever the counts
     # a merge of one tensor alone differs from the same tensor merged with the rest of the model
     models = _svd_models()
     alone = medmerge.merge_state_dicts(
@@ -250,3 +262,24 @@ def test_in_memory_merges_never_change_their_input_models(method):
     for n, sd in models.items():
         for t, v in sd.items():
             assert torch.equal(v, before[n][t]), (method, n, t)
+
+
+def test_an_svd_that_does_not_converge_in_float32_is_computed_in_float64(monkeypatch):
+    # LAPACK's gesdd failed to converge on a 1B model's up_proj with the common subspace projected out
+    # (bench/new_methods_memory.py); the fallback computes the same SVD in float64
+    from medmerge.merging.methods import subspace
+
+    real = torch.linalg.svd
+
+    def flaky(a, *args, **kwargs):
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(a, *args, **kwargs)
+
+    a = _rand(9, 5, seed=30).float()
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    u, s, vh = subspace.svd(a)
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    torch.testing.assert_close(u @ torch.diag(s) @ vh, a, rtol=1e-5, atol=1e-6)
+    with pytest.raises(torch.linalg.LinAlgError):
+        flaky(a.double().float())  # the float32 path really fails here

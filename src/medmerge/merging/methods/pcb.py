@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .base import PER_NON_BASE, Domain, MergeMethod, MethodSpec, Param, TensorInputs, sum_of, task_vectors
+from .base import CHUNK, PER_NON_BASE, Domain, MergeMethod, MethodSpec, Param, TensorInputs, sum_of, task_vectors
 
 BUCKET_BITS = 20  # histogram resolution of the exact selection: 2^20 buckets (8 MB of counts per task)
 
@@ -45,17 +45,23 @@ def _bucket(x: torch.Tensor) -> torch.Tensor:
 
 
 class ExactSelection:
-    """The k-th smallest values (0-based `ks`) of a sequence of tensors seen in two passes: `count` every chunk,
-    then `collect` every chunk again in any order; `values()` gives them exactly, as `torch.sort` would."""
+    """The k-th smallest values (0-based `ks`) of a sequence of tensors seen in two passes: `count` every tensor,
+    then `collect` every tensor again in any order; `values()` gives them exactly, as `torch.sort` would.
+
+    Memory: the 2^20 bucket counts, chunk-sized temporaries, and the distinct values (with their counts) of the
+    target buckets. A float32 bucket spans at most 2^12 distinct values, however many entries fall into it
+    (a bucket of zeros, where bfloat16 fine-tunes left entries unchanged, is one value and one count).
+    """
 
     def __init__(self):
         self.hist = None
         self.targets: list[tuple[int, int]] = []  # per k: (bucket, rank inside it)
-        self.parts: list[list[torch.Tensor]] = []
+        self.found: list[tuple[torch.Tensor, torch.Tensor]] = []  # per k: (distinct values, their counts)
 
     def count(self, x: torch.Tensor) -> None:
-        h = torch.bincount(_bucket(x.reshape(-1)), minlength=1 << BUCKET_BITS)
-        self.hist = h if self.hist is None else self.hist.add_(h)
+        for chunk in x.reshape(-1).split(CHUNK):
+            h = torch.bincount(_bucket(chunk), minlength=1 << BUCKET_BITS)
+            self.hist = h if self.hist is None else self.hist.add_(h)
 
     @property
     def total(self) -> int:
@@ -69,19 +75,29 @@ class ExactSelection:
                 raise ValueError(f"selection index {k} outside 0..{self.total - 1}")
             b = int(torch.searchsorted(cum, torch.tensor(k, dtype=cum.dtype), right=True))
             self.targets.append((b, k - (int(cum[b - 1]) if b else 0)))
-        self.parts = [[] for _ in ks]
+        self.found = [(torch.empty(0), torch.empty(0, dtype=torch.int64)) for _ in ks]
 
     def collect(self, x: torch.Tensor) -> None:
-        flat = x.reshape(-1)
-        buckets = _bucket(flat)
-        for (b, _), parts in zip(self.targets, self.parts):
-            parts.append(flat[buckets == b])
+        for chunk in x.reshape(-1).split(CHUNK):
+            buckets = _bucket(chunk)
+            for j, (b, _) in enumerate(self.targets):
+                values, counts = torch.unique(chunk[buckets == b], return_counts=True)
+                if values.numel():
+                    self.found[j] = _merge_counts(self.found[j], (values, counts))
 
     def values(self) -> list[float]:
         out = []
-        for (_, rank), parts in zip(self.targets, self.parts):
-            out.append(float(torch.sort(torch.cat(parts)).values[rank]))
+        for (_, rank), (values, counts) in zip(self.targets, self.found):
+            position = int(torch.searchsorted(torch.cumsum(counts, 0), torch.tensor(rank), right=True))
+            out.append(float(values[position]))
         return out
+
+
+def _merge_counts(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]):
+    """Two (sorted distinct values, counts) sets as one."""
+    values, inverse = torch.unique(torch.cat([a[0].to(b[0].dtype), b[0]]), return_inverse=True)
+    counts = torch.zeros(values.numel(), dtype=torch.int64).index_add_(0, inverse, torch.cat([a[1], b[1]]))
+    return values, counts
 
 
 def _balance(tv: torch.Tensor, total: torch.Tensor, lo: float, hi: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:

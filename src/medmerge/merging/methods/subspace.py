@@ -23,9 +23,22 @@ from .base import PER_NON_BASE, UNIT, Domain, MergeMethod, MethodSpec, Param, Te
 FINITE_SCALE = Domain()
 
 
+def svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD of `a`; where LAPACK's divide-and-conquer does not converge (a matrix with many repeated,
+    near-zero singular values: a task vector with the common subspace projected out), the same SVD computed
+    in float64 and rounded back."""
+    try:
+        return torch.linalg.svd(a, full_matrices=False)
+    except RuntimeError:  # torch.linalg.LinAlgError
+        if a.dtype == torch.float64:
+            raise
+    u, s, vh = torch.linalg.svd(a.to(torch.float64), full_matrices=False)
+    return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
+
+
 def _polar(a: torch.Tensor) -> torch.Tensor:
     """The orthonormal matrix nearest to `a` (its polar factor U V^T)."""
-    u, _, vh = torch.linalg.svd(a, full_matrices=False)
+    u, _, vh = svd(a)
     return u @ vh
 
 
@@ -50,7 +63,7 @@ def tsv_m(x: TensorInputs, p: dict) -> torch.Tensor:
         r = int(k * (1 / len(tvs)))  # FusionBench's rank per task (0 when there are more tasks than k)
         us, ss, vhs = [], [], []
         for tv in tvs:
-            u, s, vh = torch.linalg.svd(tv, full_matrices=False)
+            u, s, vh = svd(tv)
             us.append(u[:, :r])
             ss.append(s[:r])
             vhs.append(vh[:r])
@@ -71,7 +84,7 @@ def iso_c(x: TensorInputs, p: dict) -> torch.Tensor:
     if not _matrix(x, p):
         merged = _mean(tvs)
     else:
-        u, s, vh = torch.linalg.svd(sum_of(tvs), full_matrices=False)
+        u, s, vh = svd(sum_of(tvs))
         merged = (u * s.mean()) @ vh
     return base + merged.mul_(p["scaling"])
 
@@ -97,13 +110,13 @@ def iso_cts(x: TensorInputs, p: dict) -> torch.Tensor:
         if common < 0:
             raise ValueError(f"iso_cts: common_space_fraction {p['common_space_fraction']:g} leaves no common "
                              f"subspace for a rank-{k} matrix and {len(tvs)} task vectors; raise it")
-        u, s, vh = torch.linalg.svd(sum_of(tvs), full_matrices=False)
+        u, s, vh = svd(sum_of(tvs))
         uc, sc, vc = u[:, :common], s[:common], vh[:common]
         del u, s, vh
         us, ss, vhs = [], [], []
         for tv in tvs:
             outside = tv - uc @ (uc.T @ tv)  # the task's part outside the common (left) subspace
-            ut, st, vt = torch.linalg.svd(outside, full_matrices=False)
+            ut, st, vt = svd(outside)
             us.append(ut[:, :per_task])
             ss.append(st[:per_task])
             vhs.append(vt[:per_task])
