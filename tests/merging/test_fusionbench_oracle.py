@@ -283,3 +283,32 @@ def test_an_svd_that_does_not_converge_in_float32_is_computed_in_float64(monkeyp
     torch.testing.assert_close(u @ torch.diag(s) @ vh, a, rtol=1e-5, atol=1e-6)
     with pytest.raises(torch.linalg.LinAlgError):
         flaky(a.double().float())  # the float32 path really fails here
+
+
+def test_pcb_streams_row_chunks_in_its_passes_and_its_merge(llama_family, tmp_path, monkeypatch):
+    """pcb is elementwise once its whole-model statistics are known: the pre-pass and the merge read row chunks
+    (256 elements here, several per tensor) and give the whole-tensor in-memory merge's output."""
+    from safetensors.torch import load_file as load
+
+    from medmerge.merging import compute, execute, merge
+
+    config = {"merge_method": "pcb", "base_model": str(llama_family["base"]), "parameters": {"ratio": 0.3},
+              "models": [{"model": str(llama_family[k])} for k in ("a", "b", "c")]}
+    states = {str(p): load(str(p / "model.safetensors")) for p in (llama_family[k] for k in ("base", "a", "b", "c"))}
+    whole = medmerge.merge_state_dicts(config, states)
+    sizes = []
+
+    original = compute.row_chunks
+
+    def small(tp, max_elements):
+        chunks = original(tp, 256)
+        sizes.append(len(chunks))
+        return chunks
+
+    monkeypatch.setattr(execute, "row_chunks", small)
+    monkeypatch.setattr(compute, "row_chunks", small)
+    merge(config, tmp_path / "out", progress=False)
+    streamed = load(str(tmp_path / "out" / "model.safetensors"))
+    assert max(sizes) > 4
+    for name, tensor in whole.items():
+        torch.testing.assert_close(streamed[name], tensor, rtol=1e-6, atol=1e-7, msg=name)

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import ConfigError, InputError, MedmergeError
 from ..runtime import progress as progress_bar
-from .methods.base import TensorInputs
+from .methods.base import CHUNK, TensorInputs
 from .plan import MergePlan, TensorPlan
 
 
@@ -116,11 +116,15 @@ def plan_globals(plan: MergePlan, device: Optional[torch.device] = None, progres
         with progress_bar(progress, transient=True) as bar:
             task = bar.add_task(f"{name}: whole-model statistics, pass {passes['n']}", total=len(mergeable))
             for tp in mergeable:
-                tensors, owned = load_inputs(plan, tp)
-                work = [t.to(device=device) for t in tensors]
-                # the kernel may overwrite only fresh copies, never an in-memory model's own tensors
-                owned = owned or all(w.data_ptr() != t.data_ptr() for w, t in zip(work, tensors))
-                yield TensorInputs(work, plan.base_of(tp), tp.model_params, name=tp.name, seed=plan.seed, owned=owned)
+                # row chunks where the method streams them (as the merge will read them), else whole tensors
+                for rows in row_chunks(tp, CHUNK) if plan.elementwise(tp) else [None]:
+                    tensors, owned = load_inputs(plan, tp, rows)
+                    work = [t.to(device=device) for t in tensors]
+                    # the kernel may overwrite only fresh copies, never an in-memory model's own tensors
+                    owned = owned or all(w.data_ptr() != t.data_ptr() for w, t in zip(work, tensors))
+                    yield TensorInputs(work, plan.base_of(tp), tp.model_params, name=tp.name, seed=plan.seed,
+                                       owned=owned)
+                    del tensors, work
                 bar.advance(task)
 
     try:

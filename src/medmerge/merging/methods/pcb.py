@@ -9,8 +9,9 @@ Its normalisations and quantiles are over the whole model (the authors flatten e
 one vector), so a per-tensor kernel alone would compute another method. medmerge computes those whole-model
 statistics exactly in a pre-pass that streams the tensors four times (`prepare`): two passes select the
 clipping quantiles of |tau_i| (a histogram of the top 20 bits of the values' order-preserving keys, then an
-exact selection inside the bucket), two more the balance threshold and maximum. Each output tensor is then
-merged on its own, so memory stays at a few tensors (plus the selected buckets) whatever the model's size.
+exact selection inside the bucket), two more the balance threshold and maximum. Given those numbers each
+entry is merged on its own, so the passes and the merge stream row chunks, and memory stays at a few chunks
+(plus the bucket counts) whatever the model's size.
 
 Definitions as the authors' code (duguodong7/pcb-merging, commit 5897888b, `PCB_merge` and the NLP
 `task_para_att_merge`): clip quantiles at index int(d c) and int(d (1 - c) - 1) of the sorted |tau_i|;
@@ -190,11 +191,12 @@ PCB = MergeMethod(
         base="required",
         min_non_base=1,
         prepare=prepare,
+        elementwise=lambda g, m: True,  # given the whole-model statistics, each entry is merged on its own
         formula="tau_i = W_i - B (whole model: d entries); A_i = clip(|tau_i|, q_c, q_(1-c)); C_i = sign(tau_i) A_i; "
                 "beta_i = exp(n mm(A_i)^2) tanh(tau_i * sum_j tau_j); s_i = mm(max(beta_i, beta_i[int(d (1 - ratio))]))"
                 "; W = B + lam sum_i w_i C_i s_i / max(sum_i s_i, 1e-12), mm = min-max scaling over the whole model",
         reference="https://arxiv.org/abs/2410.02396",
-        memory="whole tensor; the whole-model statistics take four extra streaming passes over the inputs",
+        memory="streamed by rows, also in the four passes of its whole-model statistics",
     ),
     pcb,
 )
