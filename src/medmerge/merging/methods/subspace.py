@@ -46,47 +46,43 @@ def _mean(tvs: list[torch.Tensor]) -> torch.Tensor:
     return sum_of(tvs).div_(len(tvs))
 
 
-def _matrix(x: TensorInputs, p: dict) -> bool:
-    return x.tensors[x.base].dim() == 2 and p["svd"]
-
-
-def tsv_m(x: TensorInputs, p: dict) -> torch.Tensor:
+def _subspace_merge(x: TensorInputs, p: dict, matrix, weighted: bool = False) -> torch.Tensor:
+    """B + scaling * merged task vector: `matrix(tvs, p)` for a 2-D tensor with `svd` on, else the mean of the
+    task vectors (FusionBench's rule for 1-D and excluded tensors)."""
     base = x.tensors[x.base]
     if not x.non_base:
         return base.clone()
-    tvs = task_vectors(x, weighted=True)
-    if not _matrix(x, p):
-        merged = _mean(tvs)
-    else:
-        m, n = base.shape
-        k = min(m, n)
-        r = int(k * (1 / len(tvs)))  # FusionBench's rank per task (0 when there are more tasks than k)
-        us, ss, vhs = [], [], []
-        for tv in tvs:
-            u, s, vh = svd(tv)
-            us.append(u[:, :r])
-            ss.append(s[:r])
-            vhs.append(vh[:r])
-        del tvs
-        if r == 0:
-            merged = torch.zeros_like(base)
-        else:
-            u, s, vh = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vhs, dim=0)
-            merged = _polar(u) @ torch.diag(s) @ _polar(vh)
+    tvs = task_vectors(x, weighted=weighted)
+    merged = matrix(tvs, p) if base.dim() == 2 and p["svd"] else _mean(tvs)
     return base + merged.mul_(p["scaling"])
 
 
-def iso_c(x: TensorInputs, p: dict) -> torch.Tensor:
-    base = x.tensors[x.base]
-    if not x.non_base:
-        return base.clone()
-    tvs = task_vectors(x)
-    if not _matrix(x, p):
-        merged = _mean(tvs)
-    else:
-        u, s, vh = svd(sum_of(tvs))
-        merged = (u * s.mean()) @ vh
-    return base + merged.mul_(p["scaling"])
+def _top(matrices: list[torch.Tensor], rank: int) -> tuple[list, list, list]:
+    """The top `rank` singular triplets of each matrix: (U columns, singular values, V^T rows) lists."""
+    us, ss, vhs = [], [], []
+    for a in matrices:
+        u, s, vh = svd(a)
+        us.append(u[:, :rank])
+        ss.append(s[:rank])
+        vhs.append(vh[:rank])
+    return us, ss, vhs
+
+
+def _tsv_m(tvs: list[torch.Tensor], p: dict) -> torch.Tensor:
+    k = min(tvs[0].shape)
+    r = int(k * (1 / len(tvs)))  # FusionBench's rank per task (0 when there are more tasks than k)
+    if r == 0:
+        return torch.zeros_like(tvs[0])
+    us, ss, vhs = _top(tvs, r)
+    tvs.clear()  # the task vectors are no longer needed: free them before the polar factors
+    u, s, vh = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vhs, dim=0)
+    return _polar(u) @ torch.diag(s) @ _polar(vh)
+
+
+def _iso_c(tvs: list[torch.Tensor], p: dict) -> torch.Tensor:
+    u, s, vh = svd(sum_of(tvs))
+    tvs.clear()
+    return (u * s.mean()) @ vh
 
 
 def iso_cts_sizes(k: int, tasks: int, fraction: float) -> tuple[int, int]:
@@ -97,35 +93,34 @@ def iso_cts_sizes(k: int, tasks: int, fraction: float) -> tuple[int, int]:
     return common, int((k - common) / tasks)
 
 
+def _iso_cts(tvs: list[torch.Tensor], p: dict) -> torch.Tensor:
+    k = min(tvs[0].shape)
+    common, per_task = iso_cts_sizes(k, len(tvs), p["common_space_fraction"])
+    if common < 0:
+        raise ValueError(f"iso_cts: common_space_fraction {p['common_space_fraction']:g} leaves no common "
+                         f"subspace for a rank-{k} matrix and {len(tvs)} task vectors; raise it")
+    u, s, vh = svd(sum_of(tvs))
+    uc, sc, vc = u[:, :common], s[:common], vh[:common]
+    del u, s, vh
+    # each task's part outside the common (left) subspace, its top directions
+    us, ss, vhs = _top([tv - uc @ (uc.T @ tv) for tv in tvs], per_task)
+    tvs.clear()
+    u_all = torch.cat(us + [uc], dim=1)
+    s_all = torch.cat(ss + [sc])
+    vh_all = torch.cat(vhs + [vc], dim=0)
+    return (_polar(u_all) * s_all.mean()) @ _polar(vh_all)
+
+
+def tsv_m(x: TensorInputs, p: dict) -> torch.Tensor:
+    return _subspace_merge(x, p, _tsv_m, weighted=True)
+
+
+def iso_c(x: TensorInputs, p: dict) -> torch.Tensor:
+    return _subspace_merge(x, p, _iso_c)
+
+
 def iso_cts(x: TensorInputs, p: dict) -> torch.Tensor:
-    base = x.tensors[x.base]
-    if not x.non_base:
-        return base.clone()
-    tvs = task_vectors(x)
-    if not _matrix(x, p):
-        merged = _mean(tvs)
-    else:
-        k = min(base.shape)
-        common, per_task = iso_cts_sizes(k, len(tvs), p["common_space_fraction"])
-        if common < 0:
-            raise ValueError(f"iso_cts: common_space_fraction {p['common_space_fraction']:g} leaves no common "
-                             f"subspace for a rank-{k} matrix and {len(tvs)} task vectors; raise it")
-        u, s, vh = svd(sum_of(tvs))
-        uc, sc, vc = u[:, :common], s[:common], vh[:common]
-        del u, s, vh
-        us, ss, vhs = [], [], []
-        for tv in tvs:
-            outside = tv - uc @ (uc.T @ tv)  # the task's part outside the common (left) subspace
-            ut, st, vt = svd(outside)
-            us.append(ut[:, :per_task])
-            ss.append(st[:per_task])
-            vhs.append(vt[:per_task])
-        del tvs
-        u_all = torch.cat(us + [uc], dim=1)
-        s_all = torch.cat(ss + [sc])
-        vh_all = torch.cat(vhs + [vc], dim=0)
-        merged = (_polar(u_all) * s_all.mean()) @ _polar(vh_all)
-    return base + merged.mul_(p["scaling"])
+    return _subspace_merge(x, p, _iso_cts)
 
 
 _SVD = Param("svd", bool, default=True, doc="false: average the task vectors of this tensor instead (FusionBench's "
