@@ -23,22 +23,24 @@ from .base import PER_NON_BASE, UNIT, Domain, MergeMethod, MethodSpec, Param, Te
 FINITE_SCALE = Domain()
 
 
-def svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def svd(a: torch.Tensor, wide: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The thin SVD of `a`; where LAPACK's divide-and-conquer does not converge (a matrix with many repeated,
     near-zero singular values: a task vector with the common subspace projected out), the same SVD computed
-    in float64 and rounded back."""
-    try:
-        return torch.linalg.svd(a, full_matrices=False)
-    except RuntimeError:  # torch.linalg.LinAlgError
-        if a.dtype == torch.float64:
-            raise
+    in float64 and rounded back. `wide`: float64 from the start (Iso-CTS, whose float32 SVDs of such matrices
+    took minutes on the real model before failing)."""
+    if not wide or a.dtype == torch.float64:
+        try:
+            return torch.linalg.svd(a, full_matrices=False)
+        except RuntimeError:  # torch.linalg.LinAlgError
+            if a.dtype == torch.float64:
+                raise
     u, s, vh = torch.linalg.svd(a.to(torch.float64), full_matrices=False)
     return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
 
 
-def _polar(a: torch.Tensor) -> torch.Tensor:
+def _polar(a: torch.Tensor, wide: bool = False) -> torch.Tensor:
     """The orthonormal matrix nearest to `a` (its polar factor U V^T)."""
-    u, _, vh = svd(a)
+    u, _, vh = svd(a, wide)
     return u @ vh
 
 
@@ -57,11 +59,11 @@ def _subspace_merge(x: TensorInputs, p: dict, matrix, weighted: bool = False) ->
     return base + merged.mul_(p["scaling"])
 
 
-def _top(matrices: list[torch.Tensor], rank: int) -> tuple[list, list, list]:
+def _top(matrices: list[torch.Tensor], rank: int, wide: bool = False) -> tuple[list, list, list]:
     """The top `rank` singular triplets of each matrix: (U columns, singular values, V^T rows) lists."""
     us, ss, vhs = [], [], []
     for a in matrices:
-        u, s, vh = svd(a)
+        u, s, vh = svd(a, wide)
         us.append(u[:, :rank])
         ss.append(s[:rank])
         vhs.append(vh[:rank])
@@ -99,16 +101,16 @@ def _iso_cts(tvs: list[torch.Tensor], p: dict) -> torch.Tensor:
     if common < 0:
         raise ValueError(f"iso_cts: common_space_fraction {p['common_space_fraction']:g} leaves no common "
                          f"subspace for a rank-{k} matrix and {len(tvs)} task vectors; raise it")
-    u, s, vh = svd(sum_of(tvs))
+    u, s, vh = svd(sum_of(tvs), wide=True)
     uc, sc, vc = u[:, :common], s[:common], vh[:common]
     del u, s, vh
     # each task's part outside the common (left) subspace, its top directions
-    us, ss, vhs = _top([tv - uc @ (uc.T @ tv) for tv in tvs], per_task)
+    us, ss, vhs = _top([tv - uc @ (uc.T @ tv) for tv in tvs], per_task, wide=True)
     tvs.clear()
     u_all = torch.cat(us + [uc], dim=1)
     s_all = torch.cat(ss + [sc])
     vh_all = torch.cat(vhs + [vc], dim=0)
-    return (_polar(u_all) * s_all.mean()) @ _polar(vh_all)
+    return (_polar(u_all, wide=True) * s_all.mean()) @ _polar(vh_all, wide=True)
 
 
 def tsv_m(x: TensorInputs, p: dict) -> torch.Tensor:
