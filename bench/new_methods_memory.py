@@ -292,11 +292,12 @@ def main() -> None:
         cmd = [str(BIN / "medmerge"), "merge", str(cfg_file), str(out), "--force", "-q", "--threads",
                str(args.threads), "--device", "cpu"]
         print(f"[{name}] {method} ...", flush=True)
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         r = measure(cmd, env, WORK / "logs" / name / f"{method}.log", args.timeout)
         r.update(method=method, command=_common.shell(cmd), config=str(cfg_file.relative_to(ROOT)),
                  input_model_bytes=sum(folder_bytes(paths[x]) for x in roles),
                  input_stats_bytes=sum(folder_bytes(f) for f in used_stats), output_bytes=folder_bytes(out),
-                 started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                 started=started, medmerge_commit=_common.git("rev-parse", "--short", "HEAD"))
         print(f"    rc={r['rc']} wall={r['wall_s']}s peak_rss={r['peak_rss_bytes'] / GB:.2f} GB "
               f"(anon {r['sampled_peak_rss_anon_bytes'] / GB:.2f}, file {r['sampled_peak_rss_file_bytes'] / GB:.2f}) "
               f"steal {r['steal_pct']}%", flush=True)
