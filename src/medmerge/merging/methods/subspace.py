@@ -24,10 +24,11 @@ FINITE_SCALE = Domain()
 
 
 def svd(a: torch.Tensor, wide: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The thin SVD of `a`; where LAPACK's divide-and-conquer does not converge (a matrix with many repeated,
-    near-zero singular values: a task vector with the common subspace projected out), the same SVD computed
-    in float64 and rounded back. `wide`: float64 from the start (Iso-CTS, whose float32 SVDs of such matrices
-    took minutes on the real model before failing)."""
+    """The thin SVD of `a`; where LAPACK's divide-and-conquer does not converge (a matrix with many repeated
+    singular values: Iso-CTS's stacked [P_1, P_2, U_c], whose polar factor has most singular values exactly 1;
+    in float32 it failed with one MKL thread and converged with two), the same SVD computed in float64 and
+    rounded back. `wide`: float64 from the start (Iso-CTS; costs 3.2 GB more and 1.9x the time on the 1B
+    shape, see docs/benchmarks.md)."""
     if not wide or a.dtype == torch.float64:
         try:
             return torch.linalg.svd(a, full_matrices=False)
