@@ -51,7 +51,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -76,6 +75,7 @@ from ..runtime import library_versions, pyplot, track
 from ..settings import Strict, apply_overrides, read_yaml, validated
 from ..training.config import Seed
 from ..training.stats import collect_stats, data_spec
+from .analysis import replace_file
 from .config import WorldSettings, experiment_inputs, read_experiment, resolve_eval_paths
 from .rundir import Result, check_run_dir, clear_run_dir, resolved_config, resolved_name
 from .sweep.config import RoleNames, Scores, Select, SweepEval, check_models_and_tasks
@@ -611,20 +611,10 @@ def run(config: str | Path, out: str | Path, *, overrides: Sequence[str] = (), f
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
     markdown = render_markdown(result)
-    _write_atomically(out / f"{NAME}.json", lambda f: f.write_text(json.dumps(result, indent=1, default=str) + "\n"))
-    _write_atomically(out / f"{NAME}.md", lambda f: f.write_text(markdown + "\n"))
-    _write_atomically(out / f"{NAME}.png", lambda f: plot_methods(result, f))
+    replace_file(out / f"{NAME}.json", lambda f: f.write_text(json.dumps(result, indent=1, default=str) + "\n"))
+    replace_file(out / f"{NAME}.md", lambda f: f.write_text(markdown + "\n"))
+    replace_file(out / f"{NAME}.png", lambda f: plot_methods(result, f))
     return Result(result, markdown)
-
-
-def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """`write(tmp)` to a temporary file beside `path`, then renamed over it: never a half-written output."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _rule_text(select: Select, general: str) -> str:

@@ -258,7 +258,7 @@ def collect_stats(model: str | Path, data: str | Path | Sequence[str | Path], ou
         square_sum = 0.0
         for name in sorted(fisher):
             tensors[stats_key("fisher", name)] = value = fisher[name] / used
-            square_sum += float(value.double().square().sum())
+            square_sum += float(torch.linalg.vector_norm(value, dtype=torch.float64)) ** 2  # no float64 copy
         fisher_norm = square_sum ** 0.5  # over every parameter: Fisher merging's normalize_fisher_weight
     record = {
         "format": FORMAT,

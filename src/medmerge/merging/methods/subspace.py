@@ -16,6 +16,8 @@ rank formulas (`int(k * (1/T))`; Iso-CTS' rounding with Python's round), the mea
 its task vectors plus their thin SVD factors.
 """
 
+from typing import Iterable
+
 import torch
 
 from .base import PER_NON_BASE, UNIT, Domain, MergeMethod, MethodSpec, Param, TensorInputs, sum_of, task_vectors
@@ -60,7 +62,7 @@ def _subspace_merge(x: TensorInputs, p: dict, matrix, weighted: bool = False) ->
     return base + merged.mul_(p["scaling"])
 
 
-def _top(matrices: list[torch.Tensor], rank: int, wide: bool = False) -> tuple[list, list, list]:
+def _top(matrices: Iterable[torch.Tensor], rank: int, wide: bool = False) -> tuple[list, list, list]:
     """The top `rank` singular triplets of each matrix: (U columns, singular values, V^T rows) lists."""
     us, ss, vhs = [], [], []
     for a in matrices:
@@ -106,7 +108,7 @@ def _iso_cts(tvs: list[torch.Tensor], p: dict) -> torch.Tensor:
     uc, sc, vc = u[:, :common], s[:common], vh[:common]
     del u, s, vh
     # each task's part outside the common (left) subspace, its top directions
-    us, ss, vhs = _top([tv - uc @ (uc.T @ tv) for tv in tvs], per_task, wide=True)
+    us, ss, vhs = _top((tv - uc @ (uc.T @ tv) for tv in tvs), per_task, wide=True)  # one at a time
     tvs.clear()
     u_all = torch.cat(us + [uc], dim=1)
     s_all = torch.cat(ss + [sc])
